@@ -1,0 +1,120 @@
+//! `roster dev`: the whole product on one machine. Starts the embedded control plane (unless a
+//! kubeconfig is given), installs the CRD, runs the controller, registers an example instance,
+//! and tells the user how to look at it with kubectl.
+
+use std::path::PathBuf;
+
+use kube::{
+    Api, ResourceExt,
+    api::{Patch, PatchParams},
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    Error, Result,
+    api::{ServiceInstance, install_crd},
+    control_plane::{ControlPlane, Options},
+    controller::{self, Settings},
+};
+
+const EXAMPLE: &str = include_str!("../examples/instance.yaml");
+
+/// Options of `roster dev`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct DevArgs {
+    /// Use this cluster instead of starting the embedded control plane.
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
+    /// Where the embedded control plane's kubeconfig is written.
+    #[arg(long)]
+    pub kubeconfig_out: Option<PathBuf>,
+    /// Address for the controller's /healthz, /readyz and /metrics.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub http_addr: String,
+}
+
+/// Default place for the embedded control plane's kubeconfig: stable across runs, so the
+/// `export KUBECONFIG=...` line a user copied keeps working.
+pub fn default_kubeconfig_out() -> PathBuf {
+    let cache = std::env::var_os("ROSTER_CACHE_DIR")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("roster")))
+        .or_else(|| std::env::var_os("HOME").map(|d| PathBuf::from(d).join(".cache/roster")))
+        .unwrap_or_else(|| std::env::temp_dir().join("roster"));
+    cache.join("dev").join("kubeconfig")
+}
+
+pub async fn run(args: DevArgs, shutdown: CancellationToken) -> Result<()> {
+    let (_control_plane, kubeconfig) = match args.kubeconfig {
+        Some(path) => (None, path),
+        None => {
+            let out = args.kubeconfig_out.unwrap_or_else(default_kubeconfig_out);
+            eprintln!("Starting the embedded control plane (etcd + kube-apiserver on loopback)...");
+            let cp = ControlPlane::start(Options {
+                kubeconfig_out: Some(out.clone()),
+                ..Options::default()
+            })
+            .await?;
+            eprintln!("kube-apiserver is ready at {}", cp.server());
+            (Some(cp), out)
+        }
+    };
+    let (client, _) = controller::connect(Some(&kubeconfig), None).await?;
+    install_crd(&client).await?;
+
+    let settings = Settings {
+        kubeconfig: Some(kubeconfig.clone()),
+        context: None,
+        namespace: None,
+        http_addr: args.http_addr,
+        concurrency: 16,
+    };
+    let controller_shutdown = shutdown.clone();
+    let mut controller =
+        tokio::spawn(async move { controller::run(&settings, controller_shutdown).await });
+
+    let example: ServiceInstance =
+        serde_saphyr::from_str(EXAMPLE).map_err(|e| Error::ControlPlane {
+            context: "examples/instance.yaml is not a ServiceInstance".into(),
+            source: Some(Box::new(e)),
+        })?;
+    let namespace = example.namespace().unwrap_or_else(|| "default".into());
+    Api::<ServiceInstance>::namespaced(client, &namespace)
+        .patch(
+            &example.name_any(),
+            &PatchParams::apply("roster-dev").force(),
+            &Patch::Apply(&example),
+        )
+        .await
+        .map_err(Error::kube("apply the example ServiceInstance"))?;
+
+    let kc = kubeconfig.display();
+    println!(
+        "\nRoster is running. In another terminal:\n\n  \
+         export KUBECONFIG={kc}\n  \
+         kubectl get serviceinstances\n  \
+         kubectl describe si {name}\n  \
+         kubectl get si {name} -o yaml\n\n\
+         Register your own: kubectl apply -f examples/instance.yaml (edit name and address).\n\
+         Press Ctrl-C to stop{stops}.",
+        name = example.name_any(),
+        stops = if _control_plane.is_some() {
+            " (the control plane and its data go with it)"
+        } else {
+            ""
+        },
+    );
+
+    tokio::select! {
+        result = &mut controller => return flatten(result),
+        () = shutdown.cancelled() => {}
+    }
+    flatten(controller.await)
+}
+
+fn flatten(joined: Result<Result<()>, tokio::task::JoinError>) -> Result<()> {
+    joined.map_err(|e| Error::ControlPlane {
+        context: "the controller task failed".into(),
+        source: Some(Box::new(e)),
+    })?
+}

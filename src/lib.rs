@@ -1,0 +1,18 @@
+//! Roster: a service registry for Kubernetes.
+//!
+//! Every instance of a service is a [`ServiceInstance`](api::ServiceInstance) custom resource.
+//! The [`controller`] keeps their status current; the [`control_plane`] module runs a real
+//! etcd + kube-apiserver on loopback for the `roster dev` demo and the integration tests.
+
+pub mod api;
+pub mod control_plane;
+pub mod controller;
+pub mod dev;
+pub mod error;
+pub mod metrics;
+pub mod names;
+pub mod server;
+pub mod status;
+pub mod telemetry;
+
+pub use error::{Error, Result};

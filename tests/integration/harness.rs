@@ -1,0 +1,367 @@
+//! The integration-test harness: one real control plane per test run, a namespace per test,
+//! the controller as a real subprocess, and "await this condition with a timeout" helpers.
+//!
+//! The control plane is `roster control-plane up --exit-on-stdin-eof`, a child whose stdin is a
+//! pipe this process never closes: when the test process ends, however it ends (pass, panic,
+//! Ctrl-C, kill -9), the pipe closes and the control plane stops and removes its directory.
+//! Set `ROSTER_TEST_KUBECONFIG` to run against a cluster you already have instead.
+
+use std::{
+    fmt::Debug,
+    io::{BufRead, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, ChildStdin, Command, Stdio},
+    sync::{
+        Arc, Mutex, OnceLock,
+        atomic::{AtomicU32, Ordering},
+    },
+    time::Duration,
+};
+
+use k8s_openapi::api::core::v1::Namespace;
+use kube::{
+    Api, Client, Resource,
+    api::{DeleteParams, PostParams},
+    runtime::wait::{Condition, await_condition},
+};
+use serde::de::DeserializeOwned;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+
+/// The `roster` binary built for this test run.
+pub const ROSTER: &str = env!("CARGO_BIN_EXE_roster");
+
+/// A control plane started by the harness, stopped when its stdin closes.
+pub struct LocalControlPlane {
+    pub kubeconfig: PathBuf,
+    pub child: Child,
+    pub stdin: Option<ChildStdin>,
+}
+
+impl LocalControlPlane {
+    /// Starts `roster control-plane up` and waits until it prints its kubeconfig.
+    pub fn start() -> LocalControlPlane {
+        Self::try_start().unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn try_start() -> Result<LocalControlPlane, String> {
+        let mut child = Command::new(ROSTER)
+            .args(["control-plane", "up", "--exit-on-stdin-eof"])
+            .env("ROSTER_LOG_LEVEL", "warn")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start `roster control-plane up`");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("read the control plane's first line");
+        let Some(kubeconfig) = line.trim().strip_prefix("KUBECONFIG=") else {
+            let _ = child.wait();
+            return Err(format!(
+                "the local control plane failed to start (printed {line:?}); its messages are above"
+            ));
+        };
+        let stdin = child.stdin.take();
+        Ok(LocalControlPlane {
+            kubeconfig: kubeconfig.into(),
+            child,
+            stdin,
+        })
+    }
+
+    /// The directory the control plane keeps its data, certificates and logs in.
+    pub fn dir(&self) -> PathBuf {
+        self.kubeconfig
+            .parent()
+            .expect("kubeconfig has a parent")
+            .to_path_buf()
+    }
+}
+
+struct Shared {
+    kubeconfig: PathBuf,
+    // Held for the life of the test process: dropping it would stop the control plane.
+    _control_plane: Option<Mutex<LocalControlPlane>>,
+}
+
+// A failed start is kept too, so every test reports it instead of each starting its own.
+static SHARED: OnceLock<Result<Shared, String>> = OnceLock::new();
+static CRD: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+
+fn shared() -> &'static Shared {
+    let shared = SHARED.get_or_init(|| match std::env::var_os("ROSTER_TEST_KUBECONFIG") {
+        Some(path) => Ok(Shared {
+            kubeconfig: path.into(),
+            _control_plane: None,
+        }),
+        None => LocalControlPlane::try_start().map(|cp| Shared {
+            kubeconfig: cp.kubeconfig.clone(),
+            _control_plane: Some(Mutex::new(cp)),
+        }),
+    });
+    shared.as_ref().unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The shared cluster's admin kubeconfig, with the CRD installed.
+pub async fn kubeconfig() -> PathBuf {
+    // Started on a blocking thread: reading the child's first line blocks.
+    let path = tokio::task::spawn_blocking(|| shared().kubeconfig.clone())
+        .await
+        .expect("start the control plane");
+    CRD.get_or_init(|| async {
+        let client = roster::control_plane::client_for(&path)
+            .await
+            .expect("admin client");
+        roster::api::install_crd(&client)
+            .await
+            .expect("install the CRD");
+    })
+    .await;
+    path
+}
+
+/// A fresh admin client for the shared cluster (each test has its own runtime, so clients are
+/// not shared between tests).
+pub async fn client() -> Client {
+    let path = kubeconfig().await;
+    roster::control_plane::client_for(&path)
+        .await
+        .expect("admin client")
+}
+
+/// A namespace of the test's own, deleted when dropped.
+pub struct TestNamespace {
+    pub name: String,
+    kubeconfig: PathBuf,
+}
+
+static NAMESPACES: AtomicU32 = AtomicU32::new(0);
+
+impl TestNamespace {
+    pub async fn new(client: &Client, test: &str) -> TestNamespace {
+        let name = format!(
+            "{}-{}-{}",
+            test.replace('_', "-"),
+            std::process::id(),
+            NAMESPACES.fetch_add(1, Ordering::Relaxed)
+        );
+        let ns: Namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": name}}))
+            .expect("namespace literal");
+        Api::<Namespace>::all(client.clone())
+            .create(&PostParams::default(), &ns)
+            .await
+            .expect("create the test namespace");
+        TestNamespace {
+            name,
+            kubeconfig: shared().kubeconfig.clone(),
+        }
+    }
+}
+
+impl Drop for TestNamespace {
+    fn drop(&mut self) {
+        let (name, kubeconfig) = (self.name.clone(), self.kubeconfig.clone());
+        // Drop cannot await; a short-lived runtime on its own thread does the delete.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            rt.block_on(async {
+                let client = roster::control_plane::client_for(&kubeconfig).await.ok()?;
+                Api::<Namespace>::all(client)
+                    .delete(&name, &DeleteParams::background())
+                    .await
+                    .ok()
+            })
+        })
+        .join();
+    }
+}
+
+/// Waits until `condition` holds for the object `name`, or fails the test with the last state
+/// seen. Watches, never polls with sleeps.
+pub async fn wait_for<K, C>(
+    api: &Api<K>,
+    name: &str,
+    what: &str,
+    timeout: Duration,
+    condition: C,
+) -> K
+where
+    K: Resource + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
+    C: Condition<K>,
+{
+    match tokio::time::timeout(timeout, await_condition(api.clone(), name, condition)).await {
+        Ok(Ok(Some(obj))) => obj,
+        Ok(Ok(None)) => panic!("waiting for {what}: {name} does not exist"),
+        Ok(Err(e)) => panic!("waiting for {what}: watch failed: {e}"),
+        Err(_) => {
+            let last = api.get_opt(name).await;
+            panic!("timed out after {timeout:?} waiting for {what}; last seen: {last:#?}")
+        }
+    }
+}
+
+/// `roster controller` (or any `roster` command) as a subprocess, killed when dropped. Its
+/// stderr is collected so tests can await and assert on what it logged.
+pub struct ControllerProcess {
+    child: tokio::process::Child,
+    output: Arc<Mutex<String>>,
+    printed: Arc<tokio::sync::Notify>,
+}
+
+impl ControllerProcess {
+    pub fn start(kubeconfig: &Path, namespace: &str) -> ControllerProcess {
+        Self::spawn(&[
+            "controller",
+            "--kubeconfig",
+            kubeconfig.to_str().expect("utf-8 path"),
+            "--namespace",
+            namespace,
+            "--http-addr",
+            "127.0.0.1:0",
+        ])
+    }
+
+    /// Runs `roster <args>` with its stderr collected.
+    pub fn spawn(args: &[&str]) -> ControllerProcess {
+        let mut child = tokio::process::Command::new(ROSTER)
+            .args(args)
+            .env("ROSTER_LOG_LEVEL", "info,roster=debug")
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start the roster binary");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let output = Arc::new(Mutex::new(String::new()));
+        let printed = Arc::new(tokio::sync::Notify::new());
+        let (sink, notify) = (output.clone(), printed.clone());
+        tokio::spawn(async move {
+            let mut lines = tokio::io::BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                eprintln!("[roster] {line}");
+                if let Ok(mut out) = sink.lock() {
+                    out.push_str(&line);
+                    out.push('\n');
+                }
+                notify.notify_waiters();
+            }
+            notify.notify_waiters();
+        });
+        ControllerProcess {
+            child,
+            output,
+            printed,
+        }
+    }
+
+    /// Everything the process printed on stderr so far.
+    pub fn output(&self) -> String {
+        self.output.lock().map(|o| o.clone()).unwrap_or_default()
+    }
+
+    /// Waits until `find` finds something in the output, and returns it.
+    pub async fn await_output<T>(
+        &self,
+        what: &str,
+        timeout: Duration,
+        find: impl Fn(&str) -> Option<T>,
+    ) -> T {
+        let search = async {
+            loop {
+                let notified = self.printed.notified();
+                if let Some(found) = find(&self.output()) {
+                    return found;
+                }
+                notified.await;
+            }
+        };
+        match tokio::time::timeout(timeout, search).await {
+            Ok(found) => found,
+            Err(_) => panic!(
+                "roster did not print {what} within {timeout:?}; it printed:\n{}",
+                self.output()
+            ),
+        }
+    }
+
+    /// Waits for the process to exit and returns its exit status.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        match tokio::time::timeout(timeout, self.child.wait()).await {
+            Ok(status) => status.expect("wait for roster"),
+            Err(_) => panic!(
+                "roster did not exit within {timeout:?}; it printed:\n{}",
+                self.output()
+            ),
+        }
+    }
+
+    /// Sends a signal (e.g. `libc::SIGTERM`).
+    pub fn signal(&self, signal: i32) {
+        let pid = self
+            .child
+            .id()
+            .and_then(|p| i32::try_from(p).ok())
+            .expect("running child");
+        // SAFETY: a plain kill(2) on our own child.
+        unsafe { libc::kill(pid, signal) };
+    }
+
+    /// Waits until the controller logs the address of its HTTP endpoints, and returns it.
+    pub async fn http_addr(&self, timeout: Duration) -> String {
+        self.await_output("the address of its HTTP endpoints", timeout, |out| {
+            out.lines()
+                .find(|l| l.contains("serving /healthz"))
+                .and_then(|l| l.split("addr=").nth(1))
+                .and_then(|rest| rest.split_whitespace().next())
+                .map(str::to_string)
+        })
+        .await
+    }
+}
+
+/// A plain HTTP/1.0 GET on loopback: returns (status code, body).
+pub async fn http_get(addr: &str, path: &str) -> (u16, String) {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await
+        .expect("send request");
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .await
+        .expect("read response");
+    let code = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (code, body)
+}
+
+/// Pids of processes whose command line mentions `needle` (e.g. a control plane's directory).
+pub fn processes_mentioning(needle: &str) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).contains(needle))
+                .unwrap_or(false)
+        })
+        .collect()
+}
