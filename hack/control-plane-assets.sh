@@ -19,7 +19,8 @@ ETCD_VERSION=v3.6.16
 HELM_VERSION=v4.3.1
 
 CACHE_ROOT="${ROSTER_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/roster}"
-export GOTOOLCHAIN=local CGO_ENABLED=0 GOFLAGS=-trimpath
+# -modcacherw: a module cache that `rm -rf` can remove.
+export GOTOOLCHAIN=local CGO_ENABLED=0 GOFLAGS="-trimpath -modcacherw"
 # Module and build caches of our own, so `du` of CACHE_ROOT is the whole cost on disk.
 export GOMODCACHE="$CACHE_ROOT/go/mod" GOCACHE="$CACHE_ROOT/go/build"
 
