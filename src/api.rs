@@ -8,6 +8,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+use std::{collections::BTreeMap, time::Duration};
 
 /// One running instance of a service, and where to reach it.
 #[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
@@ -23,55 +24,198 @@ use serde::{Deserialize, Serialize};
     status = "ServiceInstanceStatus",
     printcolumn = r#"{"name":"Service","type":"string","jsonPath":".spec.service"}"#,
     printcolumn = r#"{"name":"Address","type":"string","jsonPath":".spec.address"}"#,
+    printcolumn = r#"{"name":"Ports","type":"string","jsonPath":".spec.ports[*].port"}"#,
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Heartbeat","type":"string","priority":1,"jsonPath":".metadata.annotations.roster\\.dev/heartbeat"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "!has(self.deleteAfterSeconds) || self.deleteAfterSeconds == 0 || self.deleteAfterSeconds >= self.ttlSeconds",
+        "message": "deleteAfterSeconds must be 0 (never delete) or at least ttlSeconds",
+        "fieldPath": ".deleteAfterSeconds"
+    }
+]))]
 pub struct ServiceInstanceSpec {
     /// Logical service name; becomes the Service name, so it must be a DNS-1035 label.
-    #[schemars(
-        length(min = 1, max = 63),
-        regex(pattern = r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
-    )]
+    #[schemars(length(min = 1, max = 63))]
+    #[schemars(extend("x-kubernetes-validations" = [{
+        "rule": "self.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')",
+        "message": "service must be a DNS-1035 label: lowercase letters, digits and '-', starting with a letter and ending with a letter or digit"
+    }]))]
     pub service: String,
+
     /// Where the instance is reached: an IPv4 or IPv6 address, or a fully qualified domain name.
     #[schemars(length(min = 1, max = 253))]
+    #[schemars(extend("x-kubernetes-validations" = [{
+        "rule": "isIP(self) || self.matches('^([a-z0-9]([-a-z0-9]*[a-z0-9])?\\\\.)*[a-z]([-a-z0-9]*[a-z0-9])?\\\\.?$')",
+        "message": "address must be an IPv4 address, an IPv6 address or a fully qualified domain name (lowercase)"
+    }]))]
     pub address: String,
-    /// The ports the instance serves on; at least one.
+
+    /// The ports the instance serves on; at least one, names unique.
     #[schemars(length(min = 1, max = 64))]
+    #[schemars(extend("x-kubernetes-validations" = [{
+        "rule": "self.all(p, self.exists_one(q, q.name == p.name))",
+        "message": "port names must be unique"
+    }]))]
     pub ports: Vec<InstancePort>,
+
+    /// Relative traffic weight; 0 keeps the instance registered but sends it no traffic.
+    #[serde(default = "default_weight")]
+    #[schemars(range(min = 0, max = 10000))]
+    pub weight: i32,
+
+    /// Topology zone, carried into the EndpointSlices' `zone` and the ConfigMap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
+    pub zone: Option<String>,
+
+    /// Free-form labels (version, tags …) carried into the ConfigMap: at most 32 entries, keys
+    /// up to 63 characters, values up to 256.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 32))]
+    #[schemars(extend("x-kubernetes-validations" = [
+        {
+            "rule": "self.all(k, size(k) >= 1 && size(k) <= 63 && k.matches('^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$'))",
+            "message": "metadata keys must be 1-63 characters of letters, digits, '-', '_' or '.', starting and ending with a letter or digit"
+        },
+        {
+            "rule": "self.all(k, size(self[k]) <= 256)",
+            "message": "metadata values must be at most 256 characters"
+        }
+    ]))]
+    pub metadata: BTreeMap<String, String>,
+
+    /// Seconds of observed silence after which the instance is no longer ready.
+    #[serde(default = "default_ttl")]
+    #[schemars(range(min = 1, max = 3600))]
+    pub ttl_seconds: i32,
+
+    /// Seconds of observed silence after which the instance is deleted; default 3 × ttlSeconds;
+    /// 0 never deletes (a persistent instance that is only marked unhealthy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 604800))]
+    pub delete_after_seconds: Option<i32>,
+
+    /// A `coordination.k8s.io/v1` Lease in the same namespace whose renewals count as heartbeats.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    #[schemars(extend("x-kubernetes-validations" = [{
+        "rule": "self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$')",
+        "message": "leaseName must be a valid object name (DNS-1123 subdomain)"
+    }]))]
+    pub lease_name: Option<String>,
+
+    /// Take the instance out of rotation without deregistering it: in-flight work drains.
+    #[serde(default)]
+    pub draining: bool,
+}
+
+fn default_weight() -> i32 {
+    100
+}
+
+fn default_ttl() -> i32 {
+    30
+}
+
+impl ServiceInstanceSpec {
+    /// A spec with the defaults the apiserver would fill in: for tests and examples.
+    pub fn new(service: &str, address: &str, ports: Vec<InstancePort>) -> Self {
+        ServiceInstanceSpec {
+            service: service.into(),
+            address: address.into(),
+            ports,
+            weight: default_weight(),
+            zone: None,
+            metadata: BTreeMap::new(),
+            ttl_seconds: default_ttl(),
+            delete_after_seconds: None,
+            lease_name: None,
+            draining: false,
+        }
+    }
+
+    /// Observed silence after which the instance is not ready.
+    pub fn ttl(&self) -> Duration {
+        Duration::from_secs(u64::try_from(self.ttl_seconds).unwrap_or(1).max(1))
+    }
+
+    /// Observed silence after which the instance is deleted; `None` never deletes.
+    pub fn delete_after(&self) -> Option<Duration> {
+        match self.delete_after_seconds {
+            Some(0) => None,
+            Some(s) => Some(Duration::from_secs(u64::try_from(s).unwrap_or(0)).max(self.ttl())),
+            None => Some(self.ttl() * 3),
+        }
+    }
 }
 
 /// A port the instance serves on.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct InstancePort {
-    /// Port name (an IANA service name); required so that Service ports can be matched by name.
-    #[schemars(
-        length(min = 1, max = 15),
-        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-    )]
+    /// Port name (an IANA service name); Service ports are matched by it.
+    #[schemars(length(min = 1, max = 15))]
+    #[schemars(extend("x-kubernetes-validations" = [{
+        "rule": "self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')",
+        "message": "port name must be lowercase letters, digits and '-', starting and ending with a letter or digit"
+    }]))]
     pub name: String,
     /// Port number.
     #[schemars(range(min = 1, max = 65535))]
     pub port: i32,
+    /// TCP (default), UDP or SCTP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("enum" = ["TCP", "UDP", "SCTP"]))]
+    pub protocol: Option<String>,
+    /// Application protocol (e.g. `http`, `kubernetes.io/h2c`), as on a Service port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
+    pub app_protocol: Option<String>,
+}
+
+impl InstancePort {
+    pub fn tcp(name: &str, port: i32) -> Self {
+        InstancePort {
+            name: name.into(),
+            port,
+            protocol: None,
+            app_protocol: None,
+        }
+    }
 }
 
 /// What the controller last observed about the instance.
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ServiceInstanceStatus {
-    /// A one-word summary for `kubectl get` (Pending, Ready, Unhealthy, Draining).
+    /// A one-word summary for `kubectl get`: Pending, Ready, Unhealthy or Draining.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub phase: Option<String>,
+    pub phase: Option<Phase>,
     /// The `metadata.generation` this status was computed from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// Standard Kubernetes conditions, keyed by type.
+    /// Standard Kubernetes conditions, keyed by type: `Ready` and `Heartbeating`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
+}
+
+/// The instance's phase, as `kubectl get` shows it.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum Phase {
+    /// Registered; no heartbeat observed yet.
+    Pending,
+    /// Heartbeating within its TTL: receives traffic.
+    Ready,
+    /// Silent for longer than its TTL: receives no traffic; deleted after deleteAfterSeconds.
+    Unhealthy,
+    /// Heartbeating but `spec.draining`: finishes in-flight work, receives no new traffic.
+    Draining,
 }
 
 /// Name of the ServiceInstance CRD.

@@ -9,6 +9,7 @@ pub mod control_plane;
 pub mod controller;
 pub mod dev;
 pub mod error;
+pub mod liveness;
 pub mod metrics;
 pub mod names;
 pub mod server;

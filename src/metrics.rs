@@ -7,11 +7,16 @@ use prometheus_client::{
 };
 use std::time::Instant;
 
-use crate::Error;
+use crate::{Error, api::Phase};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ErrorLabels {
     error: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PhaseLabels {
+    phase: &'static str,
 }
 
 /// The controller's metrics, and the registry that renders them.
@@ -20,6 +25,10 @@ pub struct Metrics {
     reconciles: Counter,
     failures: Family<ErrorLabels, Counter>,
     reconcile_duration: Histogram,
+    heartbeats: Counter,
+    status_writes: Counter,
+    transitions: Family<PhaseLabels, Counter>,
+    expirations: Counter,
 }
 
 impl Default for Metrics {
@@ -46,11 +55,39 @@ impl Default for Metrics {
             "Duration of ServiceInstance reconciliations",
             reconcile_duration.clone(),
         );
+        let heartbeats = Counter::default();
+        let status_writes = Counter::default();
+        let transitions = Family::<PhaseLabels, Counter>::default();
+        let expirations = Counter::default();
+        registry.register(
+            "heartbeats_observed",
+            "Heartbeats the controller observed",
+            heartbeats.clone(),
+        );
+        registry.register(
+            "status_writes",
+            "ServiceInstance status writes (one per transition; zero per steady heartbeat)",
+            status_writes.clone(),
+        );
+        registry.register(
+            "transitions",
+            "ServiceInstance phase transitions, by the phase entered",
+            transitions.clone(),
+        );
+        registry.register(
+            "expirations",
+            "ServiceInstances deleted after deleteAfterSeconds of observed silence",
+            expirations.clone(),
+        );
         Metrics {
             registry,
             reconciles,
             failures,
             reconcile_duration,
+            heartbeats,
+            status_writes,
+            transitions,
+            expirations,
         }
     }
 }
@@ -71,6 +108,28 @@ impl Metrics {
                 error: error.metric_label(),
             })
             .inc();
+    }
+
+    pub fn heartbeat_observed(&self) {
+        self.heartbeats.inc();
+    }
+
+    pub fn status_written(&self) {
+        self.status_writes.inc();
+    }
+
+    pub fn transitioned(&self, phase: Phase) {
+        let phase = match phase {
+            Phase::Pending => "Pending",
+            Phase::Ready => "Ready",
+            Phase::Unhealthy => "Unhealthy",
+            Phase::Draining => "Draining",
+        };
+        self.transitions.get_or_create(&PhaseLabels { phase }).inc();
+    }
+
+    pub fn expired(&self) {
+        self.expirations.inc();
     }
 
     /// The metrics in the Prometheus text exposition format.

@@ -1,37 +1,163 @@
-//! Pure status logic: what an instance's status should be, and condition bookkeeping as in
-//! apimachinery's `meta.SetStatusCondition` (a transition time moves only when the status does).
+//! Pure status logic: from a liveness verdict to the status the instance should show, and
+//! condition bookkeeping as in apimachinery's `meta.SetStatusCondition` (a transition time
+//! moves only when the condition's status does).
+//!
+//! Messages never contain values that change with every heartbeat, so a steady heartbeat
+//! computes the same status and causes no write.
 
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
-use crate::api::{ServiceInstance, ServiceInstanceStatus};
+use crate::{
+    api::{Phase, ServiceInstance, ServiceInstanceStatus},
+    liveness::{Liveness, Prior},
+};
 
-/// Condition type that says whether the instance should receive traffic.
+/// Condition type: whether the instance should receive traffic.
 pub const READY: &str = "Ready";
+/// Condition type: whether heartbeats arrive within the TTL, and from where.
+pub const HEARTBEATING: &str = "Heartbeating";
 
-/// The status the controller wants for `si` at `now`.
-///
-/// Until the liveness rules arrive, every instance is Pending with `Ready=Unknown`: the controller
-/// has seen it but has observed no heartbeat.
-pub fn desired(si: &ServiceInstance, now: Timestamp) -> ServiceInstanceStatus {
+/// Problems with an instance's heartbeat signals, reported on the `Heartbeating` condition.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SignalProblems {
+    /// `spec.leaseName` names a Lease that does not exist.
+    pub lease_missing: bool,
+    /// The heartbeat annotation is present but not an RFC 3339 timestamp.
+    pub annotation_not_timestamp: bool,
+}
+
+/// What the written status says about liveness, for the next judgement.
+pub fn prior(si: &ServiceInstance) -> Prior {
+    match si.status.as_ref().and_then(|s| s.phase) {
+        Some(Phase::Ready | Phase::Draining) => Prior::Alive,
+        Some(Phase::Unhealthy) => Prior::Silent,
+        Some(Phase::Pending) | None => Prior::Unjudged,
+    }
+}
+
+/// The phase an instance shows for a verdict.
+pub fn phase(liveness: Liveness, draining: bool) -> Phase {
+    match liveness {
+        Liveness::Pending => Phase::Pending,
+        Liveness::Alive if draining => Phase::Draining,
+        Liveness::Alive => Phase::Ready,
+        Liveness::Silent | Liveness::Expired => Phase::Unhealthy,
+    }
+}
+
+/// The status `si` should have, given the verdict. `now` stamps conditions that change.
+pub fn desired(
+    si: &ServiceInstance,
+    liveness: Liveness,
+    problems: &SignalProblems,
+    now: Timestamp,
+) -> ServiceInstanceStatus {
+    let spec = &si.spec;
     let generation = si.metadata.generation;
+    let ttl = spec.ttl_seconds;
+    let deletion = match spec.delete_after() {
+        Some(d) => format!("deleted after {} s of silence", d.as_secs()),
+        None => "never deleted (deleteAfterSeconds: 0)".to_string(),
+    };
+    let phase = phase(liveness, spec.draining);
+    let (ready, ready_reason, ready_message) = match phase {
+        Phase::Pending => (
+            "Unknown",
+            "AwaitingHeartbeat",
+            format!("Registered; no heartbeat observed yet (Unhealthy after {ttl} s without one)"),
+        ),
+        Phase::Ready => (
+            "True",
+            "Heartbeating",
+            format!("Heartbeats observed within the {ttl} s TTL"),
+        ),
+        Phase::Draining => (
+            "False",
+            "Draining",
+            "spec.draining is set: no new traffic; in-flight work drains".to_string(),
+        ),
+        Phase::Unhealthy => (
+            "False",
+            "HeartbeatSilent",
+            format!("No heartbeat observed for {ttl} s (ttlSeconds); {deletion}"),
+        ),
+    };
+    let (hb, hb_reason, hb_message) = if problems.lease_missing {
+        let lease = spec.lease_name.as_deref().unwrap_or_default();
+        (
+            liveness_status(liveness),
+            "LeaseNotFound",
+            format!(
+                "Lease {lease:?} (spec.leaseName) does not exist in this namespace; until it does, only \
+                 the roster.dev/heartbeat annotation counts"
+            ),
+        )
+    } else if problems.annotation_not_timestamp {
+        (
+            liveness_status(liveness),
+            "HeartbeatNotTimestamp",
+            "The roster.dev/heartbeat annotation is not an RFC 3339 timestamp; every change still counts \
+             as a heartbeat, but a timestamp lets people read it"
+                .to_string(),
+        )
+    } else {
+        let source = if spec.lease_name.is_some() {
+            "Lease renewals"
+        } else {
+            "roster.dev/heartbeat annotation"
+        };
+        match liveness {
+            Liveness::Pending => (
+                "Unknown",
+                "AwaitingHeartbeat",
+                format!("Waiting for the first heartbeat ({source})"),
+            ),
+            Liveness::Alive => (
+                "True",
+                "HeartbeatObserved",
+                format!("Heartbeats observed ({source})"),
+            ),
+            Liveness::Silent | Liveness::Expired => (
+                "False",
+                "HeartbeatSilent",
+                format!("No heartbeat observed for {ttl} s ({source})"),
+            ),
+        }
+    };
     let current = si
         .status
         .as_ref()
         .map(|s| s.conditions.as_slice())
         .unwrap_or_default();
-    let ready = Condition {
-        type_: READY.into(),
-        status: "Unknown".into(),
-        reason: "AwaitingHeartbeat".into(),
-        message: "Registered; no heartbeat observed yet".into(),
+    let condition = |type_: &str, status: &str, reason: &str, message: String| Condition {
+        type_: type_.into(),
+        status: status.into(),
+        reason: reason.into(),
+        message,
         observed_generation: generation,
         last_transition_time: Time(now),
     };
+    let conditions = set_condition(
+        current,
+        condition(READY, ready, ready_reason, ready_message),
+    );
+    let conditions = set_condition(
+        &conditions,
+        condition(HEARTBEATING, hb, hb_reason, hb_message),
+    );
     ServiceInstanceStatus {
-        phase: Some("Pending".into()),
+        phase: Some(phase),
         observed_generation: generation,
-        conditions: set_condition(current, ready),
+        conditions,
+    }
+}
+
+fn liveness_status(liveness: Liveness) -> &'static str {
+    match liveness {
+        Liveness::Alive => "True",
+        Liveness::Pending => "Unknown",
+        Liveness::Silent | Liveness::Expired => "False",
     }
 }
 
@@ -60,16 +186,37 @@ pub fn set_condition(conditions: &[Condition], new: Condition) -> Vec<Condition>
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::{InstancePort, ServiceInstanceSpec};
 
-    fn cond(status: &str, reason: &str, at: i64) -> Condition {
+    fn at(secs: i64) -> Timestamp {
+        Timestamp::from_second(secs).unwrap_or(Timestamp::UNIX_EPOCH)
+    }
+
+    fn cond(status: &str, reason: &str, secs: i64) -> Condition {
         Condition {
             type_: READY.into(),
             status: status.into(),
             reason: reason.into(),
             message: String::new(),
             observed_generation: Some(1),
-            last_transition_time: Time(Timestamp::from_second(at).unwrap_or(Timestamp::UNIX_EPOCH)),
+            last_transition_time: Time(at(secs)),
         }
+    }
+
+    fn instance() -> ServiceInstance {
+        let mut si = ServiceInstance::new(
+            "a",
+            ServiceInstanceSpec::new("web", "10.0.0.1", vec![InstancePort::tcp("http", 80)]),
+        );
+        si.metadata.generation = Some(3);
+        si
+    }
+
+    fn condition<'a>(s: &'a ServiceInstanceStatus, type_: &str) -> &'a Condition {
+        s.conditions
+            .iter()
+            .find(|c| c.type_ == type_)
+            .expect("condition present")
     }
 
     #[test]
@@ -95,30 +242,121 @@ mod tests {
     }
 
     #[test]
-    fn desired_is_stable_once_written() {
-        let mut si = ServiceInstance::new(
-            "a",
-            crate::api::ServiceInstanceSpec {
-                service: "web".into(),
-                address: "10.0.0.1".into(),
-                ports: vec![],
-            },
-        );
-        si.metadata.generation = Some(3);
-        let first = desired(
-            &si,
-            Timestamp::from_second(100).unwrap_or(Timestamp::UNIX_EPOCH),
-        );
-        assert_eq!(first.observed_generation, Some(3));
+    fn phase_and_conditions_table() {
+        let none = SignalProblems::default();
+        // (verdict, draining, phase, Ready, Ready reason, Heartbeating)
+        let cases = [
+            (
+                Liveness::Pending,
+                false,
+                Phase::Pending,
+                "Unknown",
+                "AwaitingHeartbeat",
+                "Unknown",
+            ),
+            (
+                Liveness::Alive,
+                false,
+                Phase::Ready,
+                "True",
+                "Heartbeating",
+                "True",
+            ),
+            (
+                Liveness::Alive,
+                true,
+                Phase::Draining,
+                "False",
+                "Draining",
+                "True",
+            ),
+            (
+                Liveness::Silent,
+                false,
+                Phase::Unhealthy,
+                "False",
+                "HeartbeatSilent",
+                "False",
+            ),
+            (
+                Liveness::Silent,
+                true,
+                Phase::Unhealthy,
+                "False",
+                "HeartbeatSilent",
+                "False",
+            ),
+        ];
+        for (liveness, draining, phase, ready, reason, hb) in cases {
+            let mut si = instance();
+            si.spec.draining = draining;
+            let s = desired(&si, liveness, &none, at(100));
+            assert_eq!(s.phase, Some(phase), "{liveness:?} draining={draining}");
+            assert_eq!(condition(&s, READY).status, ready);
+            assert_eq!(condition(&s, READY).reason, reason);
+            assert_eq!(condition(&s, HEARTBEATING).status, hb);
+            assert_eq!(s.observed_generation, Some(3));
+        }
+    }
+
+    #[test]
+    fn signal_problems_are_named() {
+        let mut si = instance();
+        si.spec.lease_name = Some("web-1".into());
+        let lease = SignalProblems {
+            lease_missing: true,
+            ..Default::default()
+        };
+        let s = desired(&si, Liveness::Pending, &lease, at(1));
+        let c = condition(&s, HEARTBEATING);
+        assert_eq!(c.reason, "LeaseNotFound");
+        assert!(c.message.contains("\"web-1\""), "{}", c.message);
+        let annotation = SignalProblems {
+            annotation_not_timestamp: true,
+            ..Default::default()
+        };
+        let s = desired(&instance(), Liveness::Alive, &annotation, at(1));
+        assert_eq!(condition(&s, HEARTBEATING).reason, "HeartbeatNotTimestamp");
+        assert_eq!(condition(&s, HEARTBEATING).status, "True");
+    }
+
+    #[test]
+    fn steady_state_computes_the_same_status() {
+        let mut si = instance();
+        let first = desired(&si, Liveness::Alive, &SignalProblems::default(), at(100));
         si.status = Some(first.clone());
-        // Later reconciles of an unchanged object compute the same status: no write.
-        let later = desired(
-            &si,
-            Timestamp::from_second(500).unwrap_or(Timestamp::UNIX_EPOCH),
+        // Later reconciles of an unchanged, heartbeating instance compute the same status: no write.
+        assert_eq!(
+            desired(&si, Liveness::Alive, &SignalProblems::default(), at(500)),
+            first
         );
-        assert_eq!(first, later);
+        // A transition changes it, and moves the transition time.
+        let silent = desired(&si, Liveness::Silent, &SignalProblems::default(), at(600));
+        assert_ne!(silent, first);
+        assert_eq!(condition(&silent, READY).last_transition_time.0, at(600));
         // A new generation is a change.
         si.metadata.generation = Some(4);
-        assert_ne!(desired(&si, Timestamp::UNIX_EPOCH), later);
+        assert_ne!(
+            desired(&si, Liveness::Alive, &SignalProblems::default(), at(700)),
+            first
+        );
+    }
+
+    #[test]
+    fn prior_follows_the_written_phase() {
+        let mut si = instance();
+        assert_eq!(prior(&si), Prior::Unjudged);
+        for (p, want) in [
+            (Phase::Pending, Prior::Unjudged),
+            (Phase::Ready, Prior::Alive),
+            (Phase::Draining, Prior::Alive),
+            (Phase::Unhealthy, Prior::Silent),
+        ] {
+            si.status = Some(ServiceInstanceStatus {
+                phase: Some(p),
+                ..Default::default()
+            });
+            assert_eq!(prior(&si), want);
+        }
     }
 }

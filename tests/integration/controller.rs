@@ -6,7 +6,7 @@ use kube::{
     Api,
     api::{Patch, PatchParams, PostParams},
 };
-use roster::api::{InstancePort, ServiceInstance, ServiceInstanceSpec};
+use roster::api::{InstancePort, Phase, ServiceInstance, ServiceInstanceSpec};
 
 use crate::harness::{self, ControllerProcess, TestNamespace, http_get, wait_for};
 
@@ -15,14 +15,11 @@ const TIMEOUT: Duration = Duration::from_secs(30);
 fn instance(name: &str) -> ServiceInstance {
     ServiceInstance::new(
         name,
-        ServiceInstanceSpec {
-            service: "checkout".into(),
-            address: "10.20.0.11".into(),
-            ports: vec![InstancePort {
-                name: "http".into(),
-                port: 8080,
-            }],
-        },
+        ServiceInstanceSpec::new(
+            "checkout",
+            "10.20.0.11",
+            vec![InstancePort::tcp("http", 8080)],
+        ),
     )
 }
 
@@ -48,9 +45,8 @@ async fn controller_writes_status_and_serves_health_and_metrics() {
         "Pending with Ready=Unknown",
         TIMEOUT,
         |si: Option<&ServiceInstance>| {
-            si.and_then(|si| si.status.as_ref()).is_some_and(|s| {
-                s.phase.as_deref() == Some("Pending") && s.observed_generation.is_some()
-            })
+            si.and_then(|si| si.status.as_ref())
+                .is_some_and(|s| s.phase == Some(Phase::Pending) && s.observed_generation.is_some())
         },
     )
     .await;

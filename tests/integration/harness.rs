@@ -194,9 +194,36 @@ where
     K: Resource + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
     C: Condition<K>,
 {
+    match wait(api, name, what, timeout, condition).await {
+        Some(obj) => obj,
+        None => panic!("waiting for {what}: {name} does not exist"),
+    }
+}
+
+/// Waits until the object `name` with this uid is gone.
+pub async fn wait_deleted<K>(api: &Api<K>, name: &str, uid: &str, timeout: Duration)
+where
+    K: Resource + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
+{
+    let gone = kube::runtime::wait::conditions::is_deleted(uid);
+    if let Some(obj) = wait(api, name, "deletion", timeout, gone).await {
+        panic!("waiting for the deletion of {name}: still there: {obj:?}");
+    }
+}
+
+async fn wait<K, C>(
+    api: &Api<K>,
+    name: &str,
+    what: &str,
+    timeout: Duration,
+    condition: C,
+) -> Option<K>
+where
+    K: Resource + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
+    C: Condition<K>,
+{
     match tokio::time::timeout(timeout, await_condition(api.clone(), name, condition)).await {
-        Ok(Ok(Some(obj))) => obj,
-        Ok(Ok(None)) => panic!("waiting for {what}: {name} does not exist"),
+        Ok(Ok(obj)) => obj,
         Ok(Err(e)) => panic!("waiting for {what}: watch failed: {e}"),
         Err(_) => {
             let last = api.get_opt(name).await;

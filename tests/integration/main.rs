@@ -5,4 +5,5 @@ mod harness;
 
 mod control_plane;
 mod controller;
+mod liveness;
 mod validation;
