@@ -46,6 +46,9 @@ enum ControlPlaneCommand {
         kubeconfig_out: Option<PathBuf>,
         #[arg(long)]
         exit_on_stdin_eof: bool,
+        /// Also run kube-controller-manager with these controllers (e.g. garbagecollector).
+        #[arg(long, value_delimiter = ',')]
+        controllers: Vec<String>,
     },
 }
 
@@ -71,7 +74,15 @@ async fn main() -> ExitCode {
         Command::ControlPlane(ControlPlaneCommand::Up {
             kubeconfig_out,
             exit_on_stdin_eof,
-        }) => control_plane_up(kubeconfig_out, exit_on_stdin_eof, shutdown).await,
+            controllers,
+        }) => {
+            let options = Options {
+                kubeconfig_out,
+                controllers,
+                ..Options::default()
+            };
+            control_plane_up(options, exit_on_stdin_eof, shutdown).await
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -83,15 +94,11 @@ async fn main() -> ExitCode {
 }
 
 async fn control_plane_up(
-    kubeconfig_out: Option<PathBuf>,
+    options: Options,
     exit_on_stdin_eof: bool,
     shutdown: CancellationToken,
 ) -> roster::Result<()> {
-    let mut cp = ControlPlane::start(Options {
-        kubeconfig_out,
-        ..Options::default()
-    })
-    .await?;
+    let mut cp = ControlPlane::start(options).await?;
     println!("KUBECONFIG={}", cp.kubeconfig().display());
     if exit_on_stdin_eof {
         let eof = shutdown.clone();

@@ -35,6 +35,9 @@ pub struct Options {
     pub kubeconfig_out: Option<PathBuf>,
     /// Extra `--flag=value` arguments for kube-apiserver (e.g. an audit log for the benchmark).
     pub apiserver_args: Vec<String>,
+    /// kube-controller-manager controllers to run beside the apiserver (e.g. `garbagecollector`,
+    /// so owner references work); none: no kube-controller-manager at all.
+    pub controllers: Vec<String>,
 }
 
 /// A running etcd + kube-apiserver. Dropping it stops both and removes its directory.
@@ -44,6 +47,7 @@ pub struct ControlPlane {
     server: String,
     etcd: Option<Child>,
     apiserver: Option<Child>,
+    controller_manager: Option<Child>,
 }
 
 impl ControlPlane {
@@ -53,7 +57,11 @@ impl ControlPlane {
     /// Call it from a thread that outlives the control plane (the main thread of a program):
     /// `PR_SET_PDEATHSIG` fires when the *thread* that spawned a child exits.
     pub async fn start(options: Options) -> Result<ControlPlane> {
-        let bins = assets::ensure(&["etcd", "kube-apiserver"]).await?;
+        let mut names = vec!["etcd", "kube-apiserver"];
+        if !options.controllers.is_empty() {
+            names.push("kube-controller-manager");
+        }
+        let bins = assets::ensure(&names).await?;
         sweep_stale_dirs();
         let dir = std::env::temp_dir().join(format!(
             "{DIR_PREFIX}{}-{}",
@@ -68,6 +76,7 @@ impl ControlPlane {
             dir,
             etcd: None,
             apiserver: None,
+            controller_manager: None,
         };
         // On any error below, dropping `cp` stops what was started and removes the directory.
         let etcd_client = free_port()?;
@@ -139,6 +148,23 @@ impl ControlPlane {
             std::fs::write(out, &kubeconfig).map_err(io_err("write the kubeconfig"))?;
         }
         cp.wait_ready().await?;
+        if !options.controllers.is_empty() {
+            let port = free_port()?;
+            cp.controller_manager = Some(cp.spawn(
+                "kube-controller-manager",
+                &bins["kube-controller-manager"],
+                &[
+                    format!("--kubeconfig={}", cp.kubeconfig.display()),
+                    format!("--controllers={}", options.controllers.join(",")),
+                    "--leader-elect=false".into(),
+                    "--bind-address=127.0.0.1".into(),
+                    format!("--secure-port={port}"),
+                    "--use-service-account-credentials=false".into(),
+                    "--kube-api-qps=1000".into(),
+                    "--kube-api-burst=2000".into(),
+                ],
+            )?);
+        }
         Ok(cp)
     }
 
@@ -157,7 +183,8 @@ impl ControlPlane {
         client_for(&self.kubeconfig).await
     }
 
-    /// Stops kube-apiserver, then etcd, and removes the directory. Idempotent.
+    /// Stops kube-controller-manager, kube-apiserver, then etcd, and removes the directory.
+    /// Idempotent.
     pub fn stop(&mut self) {
         for child in [self.apiserver.take(), self.etcd.take()]
             .into_iter()
@@ -254,7 +281,7 @@ impl ControlPlane {
 
     fn failure(&self, what: &str) -> Error {
         let mut context = what.to_string();
-        for name in ["etcd", "kube-apiserver"] {
+        for name in ["etcd", "kube-apiserver", "kube-controller-manager"] {
             if let Some(tail) = log_tail(&self.dir.join(format!("{name}.log")), 12) {
                 context.push_str(&format!("\n--- last lines of {name}'s log ---\n{tail}"));
             }

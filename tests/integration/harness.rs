@@ -38,14 +38,21 @@ pub struct LocalControlPlane {
 }
 
 impl LocalControlPlane {
-    /// Starts `roster control-plane up` and waits until it prints its kubeconfig.
+    /// Starts `roster control-plane up` (etcd + kube-apiserver) and waits until it prints its
+    /// kubeconfig.
     pub fn start() -> LocalControlPlane {
-        Self::try_start().unwrap_or_else(|e| panic!("{e}"))
+        Self::try_start(&[]).unwrap_or_else(|e| panic!("{e}"))
     }
 
-    fn try_start() -> Result<LocalControlPlane, String> {
+    /// Also runs kube-controller-manager with these controllers.
+    fn try_start(controllers: &[&str]) -> Result<LocalControlPlane, String> {
+        let mut args = vec!["control-plane", "up", "--exit-on-stdin-eof"];
+        let list = controllers.join(",");
+        if !controllers.is_empty() {
+            args.extend(["--controllers", &list]);
+        }
         let mut child = Command::new(ROSTER)
-            .args(["control-plane", "up", "--exit-on-stdin-eof"])
+            .args(&args)
             .env("ROSTER_LOG_LEVEL", "warn")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -96,7 +103,9 @@ fn shared() -> &'static Shared {
             kubeconfig: path.into(),
             _control_plane: None,
         }),
-        None => LocalControlPlane::try_start().map(|cp| Shared {
+        // The garbage collector, so owner references work; the namespace controller, so deleted
+        // test namespaces really go.
+        None => LocalControlPlane::try_start(&["garbagecollector", "namespace"]).map(|cp| Shared {
             kubeconfig: cp.kubeconfig.clone(),
             _control_plane: Some(Mutex::new(cp)),
         }),
@@ -238,6 +247,8 @@ pub struct ControllerProcess {
     child: tokio::process::Child,
     output: Arc<Mutex<String>>,
     printed: Arc<tokio::sync::Notify>,
+    /// The stderr reader; done when the process closed stderr.
+    reader: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl ControllerProcess {
@@ -269,7 +280,7 @@ impl ControllerProcess {
         let output = Arc::new(Mutex::new(String::new()));
         let printed = Arc::new(tokio::sync::Notify::new());
         let (sink, notify) = (output.clone(), printed.clone());
-        tokio::spawn(async move {
+        let reader = tokio::spawn(async move {
             let mut lines = tokio::io::BufReader::new(stderr).lines();
             while let Ok(Some(line)) = lines.next_line().await {
                 eprintln!("[roster] {line}");
@@ -285,6 +296,7 @@ impl ControllerProcess {
             child,
             output,
             printed,
+            reader: Some(reader),
         }
     }
 
@@ -320,7 +332,16 @@ impl ControllerProcess {
 
     /// Waits for the process to exit and returns its exit status.
     pub async fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
-        match tokio::time::timeout(timeout, self.child.wait()).await {
+        let reader = self.reader.take();
+        let exit = async {
+            let status = self.child.wait().await;
+            // Everything it printed has been collected once its stderr is closed.
+            if let Some(reader) = reader {
+                let _ = reader.await;
+            }
+            status
+        };
+        match tokio::time::timeout(timeout, exit).await {
             Ok(status) => status.expect("wait for roster"),
             Err(_) => panic!(
                 "roster did not exit within {timeout:?}; it printed:\n{}",

@@ -373,3 +373,46 @@ async fn a_controller_restart_deletes_nothing_early() {
         "deleted {after:?} after the restart"
     );
 }
+
+#[tokio::test]
+async fn a_pod_backed_instance_disappears_with_its_pod() {
+    use k8s_openapi::api::core::v1::Pod;
+    let client = harness::client().await;
+    let ns = TestNamespace::new(&client, "owned").await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    let api: Api<ServiceInstance> = Api::namespaced(client.clone(), &ns.name);
+
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "web-0"},
+        "spec": {"containers": [{"name": "app", "image": "registry.invalid/app:1"}]},
+    }))
+    .expect("pod");
+    let pod = pods
+        .create(&PostParams::default(), &pod)
+        .await
+        .expect("create pod");
+    let mut si = instance("web-0", 30, 90);
+    si.metadata.owner_references = Some(vec![
+        serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Pod", "name": "web-0",
+            "uid": pod.metadata.uid.clone().unwrap_or_default(), "controller": true,
+        }))
+        .expect("owner reference"),
+    ]);
+    let si = api
+        .create(&PostParams::default(), &si)
+        .await
+        .expect("create instance");
+
+    pods.delete("web-0", &Default::default())
+        .await
+        .expect("delete pod");
+    // kube-controller-manager's garbage collector removes the dependent instance.
+    wait_deleted(
+        &api,
+        "web-0",
+        &si.metadata.uid.clone().unwrap_or_default(),
+        Duration::from_secs(60),
+    )
+    .await;
+}
