@@ -15,6 +15,7 @@ use crate::{
     api::{ServiceInstance, install_crd},
     control_plane::{ControlPlane, Options},
     controller::{self, Settings},
+    names::HEARTBEAT_ANNOTATION,
 };
 
 const EXAMPLE: &str = include_str!("../examples/instance.yaml");
@@ -79,7 +80,7 @@ pub async fn run(args: DevArgs, shutdown: CancellationToken) -> Result<()> {
             source: Some(Box::new(e)),
         })?;
     let namespace = example.namespace().unwrap_or_else(|| "default".into());
-    Api::<ServiceInstance>::namespaced(client, &namespace)
+    Api::<ServiceInstance>::namespaced(client.clone(), &namespace)
         .patch(
             &example.name_any(),
             &PatchParams::apply("roster-dev").force(),
@@ -88,6 +89,29 @@ pub async fn run(args: DevArgs, shutdown: CancellationToken) -> Result<()> {
         .await
         .map_err(Error::kube("apply the example ServiceInstance"))?;
 
+    // The example heartbeats from here, every TTL/3, so the tour shows a Ready instance.
+    let beats = Api::<ServiceInstance>::namespaced(client, &namespace);
+    let (name, every) = (example.name_any(), example.spec.ttl() / 3);
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = stop.cancelled() => return,
+            }
+            let value = jiff::Timestamp::now().to_string();
+            let patch =
+                serde_json::json!({"metadata": {"annotations": {HEARTBEAT_ANNOTATION: value}}});
+            if let Err(e) = beats
+                .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+            {
+                tracing::warn!(error = %e, "heartbeat of the example instance");
+            }
+        }
+    });
+
     let kc = kubeconfig.display();
     println!(
         "\nRoster is running. In another terminal:\n\n  \
@@ -95,9 +119,13 @@ pub async fn run(args: DevArgs, shutdown: CancellationToken) -> Result<()> {
          kubectl get serviceinstances\n  \
          kubectl describe si {name}\n  \
          kubectl get si {name} -o yaml\n\n\
-         Register your own: kubectl apply -f examples/instance.yaml (edit name and address).\n\
+         {name} heartbeats from this process every {every} s. Register your own with\n  \
+         kubectl apply -f examples/instance.yaml   (edit name and address)\n\
+         and heartbeat it with\n  \
+         kubectl annotate si NAME roster.dev/heartbeat=$(date -u +%FT%TZ) --overwrite\n\
          Press Ctrl-C to stop{stops}.",
         name = example.name_any(),
+        every = every.as_secs(),
         stops = if _control_plane.is_some() {
             " (the control plane and its data go with it)"
         } else {
