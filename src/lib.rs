@@ -12,6 +12,7 @@ pub mod error;
 pub mod liveness;
 pub mod metrics;
 pub mod names;
+pub mod projection;
 pub mod server;
 pub mod status;
 pub mod telemetry;

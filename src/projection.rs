@@ -1,0 +1,503 @@
+//! Projection: from a service's instances to the objects Kubernetes clients read — a
+//! selectorless Service, EndpointSlices and a ConfigMap with a JSON view.
+//!
+//! Pure functions over plain data; the projector (`src/projector.rs`) reads the stores, calls
+//! these, and writes only what differs.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
+
+use serde::Serialize;
+
+use crate::api::{InstancePort, Phase, ServiceInstance};
+
+/// At most this many endpoints per EndpointSlice, as the built-in controller.
+pub const MAX_ENDPOINTS_PER_SLICE: usize = 100;
+
+/// One instance, as the projection sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Member {
+    pub name: String,
+    pub uid: String,
+    pub address: String,
+    pub ports: Vec<InstancePort>,
+    pub weight: i32,
+    pub zone: Option<String>,
+    pub metadata: BTreeMap<String, String>,
+    pub phase: Option<Phase>,
+}
+
+impl Member {
+    pub fn from_instance(si: &ServiceInstance) -> Option<Member> {
+        Some(Member {
+            name: si.metadata.name.clone()?,
+            uid: si.metadata.uid.clone()?,
+            address: si.spec.address.clone(),
+            ports: si.spec.ports.clone(),
+            weight: si.spec.weight,
+            zone: si.spec.zone.clone(),
+            metadata: si.spec.metadata.clone(),
+            phase: si.status.as_ref().and_then(|s| s.phase),
+        })
+    }
+
+    /// Endpoint conditions: Ready → ready; Draining → serving and terminating, so in-flight
+    /// work drains; Pending and Unhealthy → none.
+    pub fn conditions(&self) -> Conditions {
+        match self.phase {
+            Some(Phase::Ready) => Conditions {
+                ready: true,
+                serving: true,
+                terminating: false,
+            },
+            Some(Phase::Draining) => Conditions {
+                ready: false,
+                serving: true,
+                terminating: true,
+            },
+            Some(Phase::Pending | Phase::Unhealthy) | None => Conditions::default(),
+        }
+    }
+
+    fn slice_key(&self) -> SliceKey {
+        let mut ports: Vec<PortKey> = self.ports.iter().map(PortKey::from).collect();
+        ports.sort();
+        SliceKey {
+            address_type: AddressType::of(&self.address),
+            ports,
+        }
+    }
+}
+
+/// An endpoint's conditions, as in `discovery.k8s.io/v1`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Conditions {
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+}
+
+/// An EndpointSlice holds one address type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum AddressType {
+    IPv4,
+    IPv6,
+    Fqdn,
+}
+
+impl AddressType {
+    pub fn of(address: &str) -> AddressType {
+        match address.parse::<IpAddr>() {
+            Ok(IpAddr::V4(_)) => AddressType::IPv4,
+            Ok(IpAddr::V6(_)) => AddressType::IPv6,
+            Err(_) => AddressType::Fqdn,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AddressType::IPv4 => "IPv4",
+            AddressType::IPv6 => "IPv6",
+            AddressType::Fqdn => "FQDN",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<AddressType> {
+        match s {
+            "IPv4" => Some(AddressType::IPv4),
+            "IPv6" => Some(AddressType::IPv6),
+            "FQDN" => Some(AddressType::Fqdn),
+            _ => None,
+        }
+    }
+}
+
+/// A port as an EndpointSlice carries it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PortKey {
+    pub name: String,
+    pub port: i32,
+    pub protocol: String,
+    pub app_protocol: Option<String>,
+}
+
+impl From<&InstancePort> for PortKey {
+    fn from(p: &InstancePort) -> Self {
+        PortKey {
+            name: p.name.clone(),
+            port: p.port,
+            protocol: p.protocol.clone().unwrap_or_else(|| "TCP".into()),
+            app_protocol: p.app_protocol.clone(),
+        }
+    }
+}
+
+/// Endpoints share a slice only when they share its address type and its port list (an
+/// EndpointSlice has one list of ports for all its endpoints).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SliceKey {
+    pub address_type: AddressType,
+    pub ports: Vec<PortKey>,
+}
+
+/// A slice as it stands in the cluster: its name, what it holds, and for whom.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExistingSlice {
+    pub name: String,
+    pub key: SliceKey,
+    /// Names of the instances it holds endpoints for (from the endpoints' targetRefs).
+    pub members: Vec<String>,
+}
+
+/// A slice as it should be.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DesiredSlice {
+    pub name: String,
+    pub key: SliceKey,
+    /// Sorted by name.
+    pub members: Vec<Member>,
+}
+
+/// Packs the members into slices of at most [`MAX_ENDPOINTS_PER_SLICE`], keeping every endpoint
+/// in the slice it is already in whenever that slice still fits it, so that one instance's
+/// change rewrites one slice. New endpoints fill existing slices with room first (in name
+/// order), then new slices named `<service>-<n>` with the smallest free `n`. Slices left empty
+/// are not in the result: the caller deletes them.
+pub fn pack(service: &str, members: &[Member], existing: &[ExistingSlice]) -> Vec<DesiredSlice> {
+    let by_name: BTreeMap<&str, &Member> = members.iter().map(|m| (m.name.as_str(), m)).collect();
+    let mut placed: BTreeSet<&str> = BTreeSet::new();
+    let mut slices: BTreeMap<String, (SliceKey, Vec<&Member>)> = BTreeMap::new();
+
+    let mut existing: Vec<&ExistingSlice> = existing.iter().collect();
+    existing.sort_by(|a, b| a.name.cmp(&b.name));
+    for slice in &existing {
+        let mut kept = Vec::new();
+        for name in &slice.members {
+            if let Some(m) = by_name.get(name.as_str())
+                && m.slice_key() == slice.key
+                && kept.len() < MAX_ENDPOINTS_PER_SLICE
+                && placed.insert(m.name.as_str())
+            {
+                kept.push(*m);
+            }
+        }
+        slices.insert(slice.name.clone(), (slice.key.clone(), kept));
+    }
+
+    let mut taken: BTreeSet<String> = existing.iter().map(|s| s.name.clone()).collect();
+    for m in by_name
+        .values()
+        .filter(|m| !placed.contains(m.name.as_str()))
+    {
+        let key = m.slice_key();
+        let room = slices
+            .iter_mut()
+            .find(|(_, (k, ms))| *k == key && ms.len() < MAX_ENDPOINTS_PER_SLICE);
+        match room {
+            Some((_, (_, ms))) => ms.push(m),
+            None => {
+                let name = (0..)
+                    .map(|n| format!("{service}-{n}"))
+                    .find(|n| !taken.contains(n))
+                    .unwrap_or_else(|| format!("{service}-x"));
+                taken.insert(name.clone());
+                slices.insert(name, (key, vec![m]));
+            }
+        }
+    }
+
+    slices
+        .into_iter()
+        .filter(|(_, (_, ms))| !ms.is_empty())
+        .map(|(name, (key, ms))| {
+            let mut members: Vec<Member> = ms.into_iter().cloned().collect();
+            members.sort_by(|a, b| a.name.cmp(&b.name));
+            DesiredSlice { name, key, members }
+        })
+        .collect()
+}
+
+/// The Service's ports: one per port name across the instances, with the lowest port number
+/// seen for that name (a selectorless Service forwards by name to each endpoint's own number).
+pub fn service_ports(members: &[Member]) -> Vec<PortKey> {
+    let mut by_name: BTreeMap<String, PortKey> = BTreeMap::new();
+    for port in members
+        .iter()
+        .flat_map(|m| m.ports.iter().map(PortKey::from))
+    {
+        match by_name.get(&port.name) {
+            Some(existing) if existing.port <= port.port => {}
+            _ => {
+                by_name.insert(port.name.clone(), port);
+            }
+        }
+    }
+    by_name.into_values().collect()
+}
+
+/// One instance in the ConfigMap's JSON view. Field order is the JSON order.
+#[derive(Debug, Serialize)]
+struct JsonInstance<'a> {
+    name: &'a str,
+    address: &'a str,
+    ports: BTreeMap<&'a str, i32>,
+    weight: i32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    zone: Option<&'a str>,
+    metadata: &'a BTreeMap<String, String>,
+    ready: bool,
+    serving: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct JsonView<'a> {
+    service: &'a str,
+    instances: Vec<JsonInstance<'a>>,
+}
+
+/// Deterministic JSON of the service's instances (sorted by name; maps sorted by key): the
+/// same registry always gives the same bytes, so an unchanged view is never rewritten.
+pub fn config_json(service: &str, members: &[Member]) -> String {
+    let mut sorted: Vec<&Member> = members.iter().collect();
+    sorted.sort_by(|a, b| a.name.cmp(&b.name));
+    let view = JsonView {
+        service,
+        instances: sorted
+            .into_iter()
+            .map(|m| {
+                let c = m.conditions();
+                JsonInstance {
+                    name: &m.name,
+                    address: &m.address,
+                    ports: m.ports.iter().map(|p| (p.name.as_str(), p.port)).collect(),
+                    weight: m.weight,
+                    zone: m.zone.as_deref(),
+                    metadata: &m.metadata,
+                    ready: c.ready,
+                    serving: c.serving,
+                }
+            })
+            .collect(),
+    };
+    // Serializing plain strings, numbers and maps with string keys cannot fail.
+    serde_json::to_string_pretty(&view).unwrap_or_default()
+}
+
+/// Largest ConfigMap payload Roster writes: etcd's 1.5 MiB request limit and the apiserver's
+/// 1 MiB ConfigMap data limit, less room for metadata.
+pub const MAX_CONFIG_BYTES: usize = 1_000_000;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn member(name: &str, address: &str, phase: Phase) -> Member {
+        Member {
+            name: name.into(),
+            uid: format!("uid-{name}"),
+            address: address.into(),
+            ports: vec![InstancePort::tcp("http", 8080)],
+            weight: 100,
+            zone: None,
+            metadata: BTreeMap::new(),
+            phase: Some(phase),
+        }
+    }
+
+    fn many(n: usize) -> Vec<Member> {
+        (0..n)
+            .map(|i| {
+                member(
+                    &format!("i{i:04}"),
+                    &format!("10.0.{}.{}", i / 250, i % 250),
+                    Phase::Ready,
+                )
+            })
+            .collect()
+    }
+
+    fn as_existing(slices: &[DesiredSlice]) -> Vec<ExistingSlice> {
+        slices
+            .iter()
+            .map(|s| ExistingSlice {
+                name: s.name.clone(),
+                key: s.key.clone(),
+                members: s.members.iter().map(|m| m.name.clone()).collect(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn conditions_table() {
+        let cases = [
+            (Phase::Ready, (true, true, false)),
+            (Phase::Draining, (false, true, true)),
+            (Phase::Unhealthy, (false, false, false)),
+            (Phase::Pending, (false, false, false)),
+        ];
+        for (phase, (ready, serving, terminating)) in cases {
+            let c = member("a", "10.0.0.1", phase).conditions();
+            assert_eq!(
+                (c.ready, c.serving, c.terminating),
+                (ready, serving, terminating),
+                "{phase:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn address_types() {
+        assert_eq!(AddressType::of("10.0.0.1"), AddressType::IPv4);
+        assert_eq!(AddressType::of("fd00::1"), AddressType::IPv6);
+        assert_eq!(AddressType::of("db.example.internal"), AddressType::Fqdn);
+    }
+
+    #[test]
+    fn packs_250_into_3_slices_and_one_change_touches_one() {
+        let members = many(250);
+        let slices = pack("web", &members, &[]);
+        let sizes: Vec<usize> = slices.iter().map(|s| s.members.len()).collect();
+        assert_eq!(sizes, vec![100, 100, 50]);
+        assert_eq!(slices[0].name, "web-0");
+        // One instance turns unhealthy: only the slice holding it changes.
+        let mut changed = members.clone();
+        changed[120].phase = Some(Phase::Unhealthy);
+        let again = pack("web", &changed, &as_existing(&slices));
+        let differ: Vec<&str> = again
+            .iter()
+            .zip(&slices)
+            .filter(|(a, b)| a != b)
+            .map(|(a, _)| a.name.as_str())
+            .collect();
+        assert_eq!(differ, vec!["web-1"]);
+    }
+
+    #[test]
+    fn mixed_address_types_and_port_sets_get_their_own_slices() {
+        let mut other_ports = member("c", "10.0.0.3", Phase::Ready);
+        other_ports.ports = vec![InstancePort::tcp("grpc", 9090)];
+        let members = vec![
+            member("a", "10.0.0.1", Phase::Ready),
+            member("b", "fd00::1", Phase::Ready),
+            other_ports,
+            member("d", "db.example.internal", Phase::Ready),
+        ];
+        let slices = pack("web", &members, &[]);
+        assert_eq!(slices.len(), 4);
+        for s in &slices {
+            for m in &s.members {
+                assert_eq!(m.slice_key(), s.key);
+            }
+        }
+        assert_eq!(service_ports(&members).len(), 2);
+    }
+
+    #[test]
+    fn deleted_members_leave_and_empty_slices_go() {
+        let members = many(150);
+        let slices = pack("web", &members, &[]);
+        let remaining: Vec<Member> = members[..100].to_vec();
+        let again = pack("web", &remaining, &as_existing(&slices));
+        assert_eq!(again.len(), 1);
+        assert_eq!(again[0].name, "web-0");
+        // A new member fills the free room of an existing slice before a new slice is made.
+        let mut grown = members[..150].to_vec();
+        grown.remove(10);
+        grown.push(member("zzz", "10.9.9.9", Phase::Ready));
+        let packed = pack("web", &grown, &as_existing(&slices));
+        assert_eq!(packed.len(), 2);
+        assert!(
+            packed[0].members.iter().any(|m| m.name == "zzz"),
+            "filled the hole in web-0"
+        );
+    }
+
+    #[test]
+    fn config_json_is_deterministic_and_sorted() {
+        let mut a = member("b", "10.0.0.2", Phase::Draining);
+        a.metadata.insert("version".into(), "2".into());
+        a.zone = Some("z1".into());
+        let b = member("a", "10.0.0.1", Phase::Ready);
+        let one = config_json("web", &[a.clone(), b.clone()]);
+        let two = config_json("web", &[b, a]);
+        assert_eq!(one, two);
+        let parsed: serde_json::Value = serde_json::from_str(&one).expect("valid JSON");
+        assert_eq!(parsed["instances"][0]["name"], "a");
+        assert_eq!(parsed["instances"][1]["serving"], true);
+        assert_eq!(parsed["instances"][1]["ready"], false);
+        assert_eq!(parsed["instances"][1]["zone"], "z1");
+        assert_eq!(parsed["instances"][1]["metadata"]["version"], "2");
+    }
+
+    fn arb_member() -> impl Strategy<Value = Member> {
+        (0u32..400, 0u8..3, 0u8..4, 0u8..2).prop_map(|(i, ty, phase, ports)| {
+            let address = match ty {
+                0 => format!("10.0.{}.{}", i / 200, i % 200),
+                1 => format!("fd00::{i:x}"),
+                _ => format!("host-{i}.example.internal"),
+            };
+            let phase = [
+                Phase::Pending,
+                Phase::Ready,
+                Phase::Unhealthy,
+                Phase::Draining,
+            ][phase as usize];
+            let mut m = member(&format!("m{i:03}"), &address, phase);
+            if ports == 1 {
+                m.ports.push(InstancePort::tcp("metrics", 9000));
+            }
+            m
+        })
+    }
+
+    fn dedup(members: Vec<Member>) -> Vec<Member> {
+        let mut seen = BTreeSet::new();
+        members
+            .into_iter()
+            .filter(|m| seen.insert(m.name.clone()))
+            .collect()
+    }
+
+    proptest! {
+        /// Every member lands in exactly one slice that fits it; no slice is over capacity or
+        /// empty; packing is deterministic; and repacking an unchanged registry changes nothing.
+        #[test]
+        fn packing_invariants(
+            before in proptest::collection::vec(arb_member(), 0..400),
+            after in proptest::collection::vec(arb_member(), 0..400),
+        ) {
+            let (before, after) = (dedup(before), dedup(after));
+            let first = pack("svc", &before, &[]);
+            let slices = pack("svc", &after, &as_existing(&first));
+            let mut seen = BTreeSet::new();
+            for s in &slices {
+                prop_assert!(!s.members.is_empty());
+                prop_assert!(s.members.len() <= MAX_ENDPOINTS_PER_SLICE);
+                for m in &s.members {
+                    prop_assert_eq!(&m.slice_key(), &s.key);
+                    prop_assert!(seen.insert(m.name.clone()), "{} twice", m.name);
+                }
+            }
+            prop_assert_eq!(seen.len(), after.len());
+            prop_assert_eq!(&slices, &pack("svc", &after, &as_existing(&first)));
+            prop_assert_eq!(&pack("svc", &after, &as_existing(&slices)), &slices);
+            // Members present before and after, with the same key, keep their slice.
+            let home: BTreeMap<&str, &str> = first.iter()
+                .flat_map(|s| s.members.iter().map(move |m| (m.name.as_str(), s.name.as_str())))
+                .collect();
+            let before_by_name: BTreeMap<&str, &Member> = before.iter().map(|m| (m.name.as_str(), m)).collect();
+            for s in &slices {
+                for m in &s.members {
+                    if let (Some(old), Some(prev)) = (home.get(m.name.as_str()), before_by_name.get(m.name.as_str()))
+                        && prev.slice_key() == m.slice_key()
+                    {
+                        prop_assert_eq!(*old, s.name.as_str(), "{} moved", m.name);
+                    }
+                }
+            }
+        }
+    }
+}
