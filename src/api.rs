@@ -155,7 +155,7 @@ impl ServiceInstanceSpec {
 }
 
 /// A port the instance serves on.
-#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, Hash, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct InstancePort {
     /// Port name (an IANA service name); Service ports are matched by it.
@@ -206,7 +206,7 @@ pub struct ServiceInstanceStatus {
 }
 
 /// The instance's phase, as `kubectl get` shows it.
-#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
 pub enum Phase {
     /// Registered; no heartbeat observed yet.
     Pending,

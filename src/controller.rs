@@ -34,6 +34,8 @@ use crate::{
     liveness::{self, Liveness, Observations, Sight, Signals, Tick, Timing},
     metrics::Metrics,
     names::{FIELD_MANAGER, HEARTBEAT_ANNOTATION, REPORTER},
+    projection::Member,
+    projector,
     server::{self, Health},
     status::{self, SignalProblems},
 };
@@ -56,6 +58,12 @@ pub struct Settings {
     /// Maximum number of ServiceInstances reconciled at the same time.
     #[arg(long, default_value_t = 16)]
     pub concurrency: u16,
+    /// Instance changes within this many milliseconds are projected together.
+    #[arg(long, default_value_t = 100)]
+    pub projection_window_ms: u64,
+    /// Project into headless Services (`clusterIP: None`) instead of ClusterIP Services.
+    #[arg(long)]
+    pub headless_services: bool,
 }
 
 /// State shared by every reconcile.
@@ -78,6 +86,9 @@ struct Views {
     /// (namespace, lease name) → names of the instances that heartbeat through it.
     lease_index: Mutex<HashMap<(String, String), BTreeSet<String>>>,
     observations: Mutex<Observations>,
+    /// Where instance changes that matter to the projection are sent.
+    projection: projector::Trigger,
+    membership: projector::Membership,
 }
 
 impl Views {
@@ -132,13 +143,35 @@ impl Views {
             .unwrap_or_default()
     }
 
-    /// Feeds the index and the observations from the instance watch.
+    /// Sends the instance's service(s) to the projector if what it projects changed.
+    fn project(&self, si: &ServiceInstance, present: bool) {
+        let Some(ns) = si.namespace() else {
+            return;
+        };
+        let member = if present {
+            Member::from_instance(si)
+        } else {
+            None
+        };
+        for service in
+            self.membership
+                .changed(&ns, &si.name_any(), member.as_ref(), &si.spec.service)
+        {
+            self.projection.project(&ns, &service);
+        }
+    }
+
+    /// Feeds the index, the observations and the projector from the instance watch.
     fn on_instance_event(&self, event: &watcher::Event<ServiceInstance>) {
         match event {
             watcher::Event::Init => self.relisted(),
-            watcher::Event::InitApply(si) | watcher::Event::Apply(si) => self.index(si, true),
+            watcher::Event::InitApply(si) | watcher::Event::Apply(si) => {
+                self.index(si, true);
+                self.project(si, true);
+            }
             watcher::Event::Delete(si) => {
                 self.index(si, false);
+                self.project(si, false);
                 if let Some(ns) = si.namespace() {
                     self.observations
                         .lock()
@@ -238,13 +271,22 @@ pub async fn run(settings: &Settings, shutdown: CancellationToken) -> Result<()>
     tracing::info!(%addr, "serving /healthz, /readyz and /metrics");
     let serve = tokio::spawn(serve);
 
+    let (projection, projection_keys) = projector::trigger();
     let views = Arc::new(Views {
         origin: tokio::time::Instant::now(),
         relisted_at: AtomicU64::new(0),
         leases_synced: AtomicBool::new(false),
         lease_index: Mutex::default(),
         observations: Mutex::default(),
+        projection: projection.clone(),
+        membership: projector::Membership::default(),
     });
+    let (services, slices, config_maps, synced) = projector::watch_children(
+        &client,
+        settings.namespace.as_deref(),
+        &projection,
+        &shutdown,
+    );
 
     // Leases: renewals are heartbeats of the instances that name them.
     let lease_api: Api<Lease> = match settings.namespace.as_deref() {
@@ -271,6 +313,8 @@ pub async fn run(settings: &Settings, shutdown: CancellationToken) -> Result<()>
     let (reader, writer) = reflector::store();
     let ready = health.ready.clone();
     let instance_views = views.clone();
+    let instances_synced = synced.clone();
+    let instance_reader = reader.clone();
     // No generation predicate: annotation heartbeats do not bump the generation.
     let events = watcher(
         instances(client.clone(), settings.namespace.as_deref()),
@@ -284,6 +328,7 @@ pub async fn run(settings: &Settings, shutdown: CancellationToken) -> Result<()>
             if let watcher::Event::InitDone = event
                 && !ready.swap(true, Ordering::Relaxed)
             {
+                instances_synced.instances_synced();
                 tracing::info!("ServiceInstance cache synced; ready");
             }
         }
@@ -305,8 +350,26 @@ pub async fn run(settings: &Settings, shutdown: CancellationToken) -> Result<()>
             .ok()
             .or_else(|| std::env::var("HOSTNAME").ok()),
     };
+    let recorder = Recorder::new(client.clone(), reporter);
+    let projector = Arc::new(projector::Projector::new(
+        client.clone(),
+        projector::Caches {
+            instances: instance_reader,
+            services,
+            slices,
+            config_maps,
+        },
+        metrics.clone(),
+        recorder.clone(),
+        projector::Options {
+            window: Duration::from_millis(settings.projection_window_ms),
+            headless: settings.headless_services,
+        },
+        synced,
+    ));
+    tokio::spawn(projector.run(projection_keys, projection, shutdown.clone()));
     let ctx = Arc::new(Context {
-        recorder: Recorder::new(client.clone(), reporter),
+        recorder,
         client,
         metrics,
         leases: lease_reader,
@@ -386,7 +449,7 @@ async fn reconcile(si: Arc<ServiceInstance>, ctx: Arc<Context>) -> Result<Action
     }
 
     let desired = status::desired(&si, judgement.liveness, &problems, jiff::Timestamp::now());
-    if si.status.as_ref() != Some(&desired) {
+    if status::liveness_view(si.status.as_ref()) != desired {
         let api: Api<ServiceInstance> = Api::namespaced(ctx.client.clone(), &namespace);
         let patch = json!({
             "apiVersion": ServiceInstance::api_version(&()),

@@ -69,6 +69,8 @@ pub async fn run(args: DevArgs, shutdown: CancellationToken) -> Result<()> {
         namespace: None,
         http_addr: args.http_addr,
         concurrency: 16,
+        projection_window_ms: 100,
+        headless_services: false,
     };
     let controller_shutdown = shutdown.clone();
     let mut controller =

@@ -13,6 +13,7 @@ pub mod liveness;
 pub mod metrics;
 pub mod names;
 pub mod projection;
+pub mod projector;
 pub mod server;
 pub mod status;
 pub mod telemetry;

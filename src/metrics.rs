@@ -29,6 +29,13 @@ pub struct Metrics {
     status_writes: Counter,
     transitions: Family<PhaseLabels, Counter>,
     expirations: Counter,
+    projection_writes: Family<KindLabels, Counter>,
+    config_maps_too_large: prometheus_client::metrics::gauge::Gauge,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    kind: &'static str,
 }
 
 impl Default for Metrics {
@@ -79,8 +86,22 @@ impl Default for Metrics {
             "ServiceInstances deleted after deleteAfterSeconds of observed silence",
             expirations.clone(),
         );
+        let projection_writes = Family::<KindLabels, Counter>::default();
+        let config_maps_too_large = prometheus_client::metrics::gauge::Gauge::default();
+        registry.register(
+            "projection_writes",
+            "Writes (apply or delete) of Services, EndpointSlices and ConfigMaps, by kind",
+            projection_writes.clone(),
+        );
+        registry.register(
+            "config_maps_too_large",
+            "Services whose JSON view exceeds the ConfigMap size limit (their ConfigMap is not updated)",
+            config_maps_too_large.clone(),
+        );
         Metrics {
             registry,
+            projection_writes,
+            config_maps_too_large,
             reconciles,
             failures,
             reconcile_duration,
@@ -130,6 +151,17 @@ impl Metrics {
 
     pub fn expired(&self) {
         self.expirations.inc();
+    }
+
+    pub fn projection_written(&self, kind: &'static str) {
+        self.projection_writes
+            .get_or_create(&KindLabels { kind })
+            .inc();
+    }
+
+    pub fn set_config_maps_too_large(&self, services: usize) {
+        self.config_maps_too_large
+            .set(i64::try_from(services).unwrap_or(i64::MAX));
     }
 
     /// The metrics in the Prometheus text exposition format.

@@ -12,3 +12,22 @@ pub const HEARTBEAT_ANNOTATION: &str = "roster.dev/heartbeat";
 pub const MANAGED_BY: &str = "roster.dev";
 /// Reporting controller name on Events.
 pub const REPORTER: &str = "roster-controller";
+/// Field manager of the projector's writes (Service, EndpointSlices, ConfigMap, `Projected`).
+pub const PROJECTION_MANAGER: &str = "roster.dev/projection";
+/// Label the built-in controllers use to tie an EndpointSlice to its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// Label that says which controller manages an EndpointSlice.
+pub const SLICE_MANAGED_BY_LABEL: &str = "endpointslice.kubernetes.io/managed-by";
+/// Label on the Services and ConfigMaps Roster manages.
+pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+/// Label on Roster's ConfigMaps naming their service.
+pub const SERVICE_LABEL: &str = "roster.dev/service";
+/// Annotation on a Service a user created that lets Roster take it over.
+pub const ADOPT_ANNOTATION: &str = "roster.dev/adopt";
+/// Key of the JSON view in a service's ConfigMap.
+pub const CONFIG_KEY: &str = "instances.json";
+
+/// Name of a service's ConfigMap.
+pub fn config_map_name(service: &str) -> String {
+    format!("{service}-roster")
+}

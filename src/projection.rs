@@ -17,7 +17,7 @@ use crate::api::{InstancePort, Phase, ServiceInstance};
 pub const MAX_ENDPOINTS_PER_SLICE: usize = 100;
 
 /// One instance, as the projection sees it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Member {
     pub name: String,
     pub uid: String,

@@ -125,11 +125,7 @@ pub fn desired(
             ),
         }
     };
-    let current = si
-        .status
-        .as_ref()
-        .map(|s| s.conditions.as_slice())
-        .unwrap_or_default();
+    let current = liveness_view(si.status.as_ref()).conditions;
     let condition = |type_: &str, status: &str, reason: &str, message: String| Condition {
         type_: type_.into(),
         status: status.into(),
@@ -139,7 +135,7 @@ pub fn desired(
         last_transition_time: Time(now),
     };
     let conditions = set_condition(
-        current,
+        &current,
         condition(READY, ready, ready_reason, ready_message),
     );
     let conditions = set_condition(
@@ -150,6 +146,25 @@ pub fn desired(
         phase: Some(phase),
         observed_generation: generation,
         conditions,
+    }
+}
+
+/// The part of a status that the liveness reconciler owns: phase, observedGeneration, and the
+/// `Ready` and `Heartbeating` conditions. Other conditions (the projector's `Projected`) belong
+/// to other field managers and are neither compared nor written here.
+pub fn liveness_view(status: Option<&ServiceInstanceStatus>) -> ServiceInstanceStatus {
+    let Some(status) = status else {
+        return ServiceInstanceStatus::default();
+    };
+    ServiceInstanceStatus {
+        phase: status.phase,
+        observed_generation: status.observed_generation,
+        conditions: status
+            .conditions
+            .iter()
+            .filter(|c| c.type_ == READY || c.type_ == HEARTBEATING)
+            .cloned()
+            .collect(),
     }
 }
 
@@ -339,6 +354,24 @@ mod tests {
         assert_ne!(
             desired(&si, Liveness::Alive, &SignalProblems::default(), at(700)),
             first
+        );
+    }
+
+    #[test]
+    fn other_managers_conditions_are_not_ours() {
+        let mut si = instance();
+        let mut status = desired(&si, Liveness::Alive, &SignalProblems::default(), at(1));
+        let ours = status.clone();
+        status.conditions.push(Condition {
+            type_: "Projected".into(),
+            ..cond("False", "ServiceConflict", 1)
+        });
+        si.status = Some(status);
+        // The projector's condition neither makes the liveness status differ nor gets copied.
+        assert_eq!(liveness_view(si.status.as_ref()), ours);
+        assert_eq!(
+            desired(&si, Liveness::Alive, &SignalProblems::default(), at(2)),
+            ours
         );
     }
 
