@@ -19,6 +19,7 @@ ETCD_VERSION=v3.6.16
 HELM_VERSION=v4.3.1
 
 CACHE_ROOT="${ROSTER_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/roster}"
+CACHE_ROOT=$(realpath -m "$CACHE_ROOT") # absolute: the builds run in other directories
 # -modcacherw: a module cache that `rm -rf` can remove.
 export GOTOOLCHAIN=local CGO_ENABLED=0 GOFLAGS="-trimpath -modcacherw"
 # Module and build caches of our own, so `du` of CACHE_ROOT is the whole cost on disk.
@@ -93,10 +94,14 @@ for name in "$@"; do
     continue
   fi
   out="$CACHE_ROOT/bin/$name-$version/$name"
+  mkdir -p "$(dirname "$out")"
+  # One build per binary at a time (tests may start several control planes at once); whoever
+  # waited finds the binary built.
+  exec {lock}>"$out.lock"
+  flock "$lock"
   if [ ! -x "$out" ]; then
     log "building $name $version from its Go module (cold: many minutes on 2 cores; cached after)"
     start=$(date +%s)
-    mkdir -p "$(dirname "$out")"
     # Build to a temporary name and rename, so an interrupted build never leaves a half binary.
     case "$name" in
       etcd) build_etcd "$out.partial" ;;
@@ -107,5 +112,6 @@ for name in "$@"; do
     cleanup; workdir=""
     log "built $name $version in $(( $(date +%s) - start )) s"
   fi
+  exec {lock}>&-
   echo "$name=$out"
 done

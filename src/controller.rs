@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     Error, Result,
-    api::{Phase, ServiceInstance},
+    api::{Phase, ServiceInstance, ServiceInstanceStatus},
     liveness::{self, Liveness, Observations, Sight, Signals, Tick, Timing},
     metrics::Metrics,
     names::{FIELD_MANAGER, HEARTBEAT_ANNOTATION, REPORTER},
@@ -83,9 +83,16 @@ struct Views {
     /// Nanoseconds after `origin` of the last (re)list of either watch.
     relisted_at: AtomicU64,
     leases_synced: AtomicBool,
-    /// (namespace, lease name) → names of the instances that heartbeat through it.
-    lease_index: Mutex<HashMap<(String, String), BTreeSet<String>>>,
+    /// A watch (of instances, of Leases) failed and has not delivered since: heartbeats may be
+    /// going unseen, so nothing is judged silent or expired until it recovers, and its recovery
+    /// starts a fresh view.
+    instance_watch_broken: AtomicBool,
+    lease_watch_broken: AtomicBool,
+    lease_index: Mutex<LeaseIndex>,
     observations: Mutex<Observations>,
+    /// The last status this controller wrote, by uid: the cache can lag behind our own writes,
+    /// and comparing with a stale copy would write (and announce) a transition twice.
+    written: Mutex<HashMap<String, ServiceInstanceStatus>>,
     /// Where instance changes that matter to the projection are sent.
     projection: projector::Trigger,
     membership: projector::Membership,
@@ -108,19 +115,38 @@ impl Views {
     }
 
     fn index(&self, si: &ServiceInstance, present: bool) {
-        let (Some(ns), Some(lease)) = (si.namespace(), si.spec.lease_name.clone()) else {
+        let Some(ns) = si.namespace() else {
             return;
         };
-        let mut index = self
-            .lease_index
+        let lease = si.spec.lease_name.clone().filter(|_| present);
+        self.lease_index
             .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        let names = index.entry((ns, lease)).or_default();
-        if present {
-            names.insert(si.name_any());
-        } else {
-            names.remove(&si.name_any());
+            .unwrap_or_else(PoisonError::into_inner)
+            .set(&ns, &si.name_any(), lease);
+    }
+
+    /// Records a watch event: an error marks the watch broken; the first success after one
+    /// starts a fresh view (every instance gets a full TTL again).
+    fn watch_result(&self, broken: &AtomicBool, ok: bool, what: &str) {
+        if !ok {
+            if !broken.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    watch = what,
+                    "watch broken: no instance is judged silent until it recovers"
+                );
+            }
+        } else if broken.swap(false, Ordering::Relaxed) {
+            self.relisted();
+            tracing::info!(
+                watch = what,
+                "watch recovered: every instance gets a full TTL from now"
+            );
         }
+    }
+
+    fn any_watch_broken(&self) -> bool {
+        self.instance_watch_broken.load(Ordering::Relaxed)
+            || self.lease_watch_broken.load(Ordering::Relaxed)
     }
 
     /// The instances to reconcile when `lease` changes.
@@ -133,14 +159,9 @@ impl Views {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         index
-            .get(&(ns.clone(), lease.name_any()))
-            .map(|names| {
-                names
-                    .iter()
-                    .map(|n| ObjectRef::new(n).within(&ns))
-                    .collect()
-            })
-            .unwrap_or_default()
+            .instances(&ns, &lease.name_any())
+            .map(|n| ObjectRef::new(n).within(&ns))
+            .collect()
     }
 
     /// Sends the instance's service(s) to the projector if what it projects changed.
@@ -178,9 +199,52 @@ impl Views {
                         .unwrap_or_else(PoisonError::into_inner)
                         .forget(&ns, &si.name_any());
                 }
+                if let Some(uid) = si.uid() {
+                    self.written
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .remove(&uid);
+                }
             }
             watcher::Event::InitDone => {}
         }
+    }
+}
+
+/// Which instances heartbeat through which Lease, both ways, so a change of `spec.leaseName`
+/// or a deletion leaves nothing behind.
+#[derive(Default)]
+struct LeaseIndex {
+    by_lease: HashMap<(String, String), BTreeSet<String>>,
+    by_instance: HashMap<(String, String), String>,
+}
+
+impl LeaseIndex {
+    fn set(&mut self, ns: &str, instance: &str, lease: Option<String>) {
+        let key = (ns.to_string(), instance.to_string());
+        if let Some(old) = self.by_instance.remove(&key) {
+            let lease_key = (ns.to_string(), old);
+            if let Some(names) = self.by_lease.get_mut(&lease_key) {
+                names.remove(instance);
+                if names.is_empty() {
+                    self.by_lease.remove(&lease_key);
+                }
+            }
+        }
+        if let Some(lease) = lease {
+            self.by_lease
+                .entry((ns.to_string(), lease.clone()))
+                .or_default()
+                .insert(instance.to_string());
+            self.by_instance.insert(key, lease);
+        }
+    }
+
+    fn instances(&self, ns: &str, lease: &str) -> impl Iterator<Item = &String> {
+        self.by_lease
+            .get(&(ns.to_string(), lease.to_string()))
+            .into_iter()
+            .flatten()
     }
 }
 
@@ -276,8 +340,11 @@ pub async fn run(settings: &Settings, shutdown: CancellationToken) -> Result<()>
         origin: tokio::time::Instant::now(),
         relisted_at: AtomicU64::new(0),
         leases_synced: AtomicBool::new(false),
+        instance_watch_broken: AtomicBool::new(false),
+        lease_watch_broken: AtomicBool::new(false),
         lease_index: Mutex::default(),
         observations: Mutex::default(),
+        written: Mutex::default(),
         projection: projection.clone(),
         membership: projector::Membership::default(),
     });
@@ -298,13 +365,15 @@ pub async fn run(settings: &Settings, shutdown: CancellationToken) -> Result<()>
     let lease_events = watcher(lease_api, watcher::Config::default())
         .default_backoff()
         .reflect(lease_writer)
-        .inspect(move |event| match event {
-            Ok(watcher::Event::Init) => lease_views.relisted(),
-            Ok(watcher::Event::InitDone) => {
-                lease_views.leases_synced.store(true, Ordering::Relaxed)
+        .inspect(move |event| {
+            let views = &lease_views;
+            views.watch_result(&views.lease_watch_broken, event.is_ok(), "Lease");
+            match event {
+                Ok(watcher::Event::Init) => views.relisted(),
+                Ok(watcher::Event::InitDone) => views.leases_synced.store(true, Ordering::Relaxed),
+                Err(e) => tracing::warn!(error = %e, "Lease watch"),
+                _ => {}
             }
-            Err(e) => tracing::warn!(error = %e, "Lease watch"),
-            _ => {}
         })
         .touched_objects();
 
@@ -315,6 +384,7 @@ pub async fn run(settings: &Settings, shutdown: CancellationToken) -> Result<()>
     let instance_views = views.clone();
     let instances_synced = synced.clone();
     let instance_reader = reader.clone();
+    let (relist_tx, relist_rx) = futures::channel::mpsc::unbounded::<()>();
     // No generation predicate: annotation heartbeats do not bump the generation.
     let events = watcher(
         instances(client.clone(), settings.namespace.as_deref()),
@@ -322,22 +392,35 @@ pub async fn run(settings: &Settings, shutdown: CancellationToken) -> Result<()>
     )
     .default_backoff()
     .reflect(writer)
-    .inspect(move |event| match event {
-        Ok(event) => {
-            instance_views.on_instance_event(event);
-            if let watcher::Event::InitDone = event
-                && !ready.swap(true, Ordering::Relaxed)
-            {
-                instances_synced.instances_synced();
-                tracing::info!("ServiceInstance cache synced; ready");
+    .inspect(move |event| {
+        let views = &instance_views;
+        views.watch_result(
+            &views.instance_watch_broken,
+            event.is_ok(),
+            "ServiceInstance",
+        );
+        match event {
+            Ok(event) => {
+                views.on_instance_event(event);
+                if let watcher::Event::InitDone = event {
+                    if !ready.swap(true, Ordering::Relaxed) {
+                        instances_synced.instances_synced();
+                        tracing::info!("ServiceInstance cache synced; ready");
+                    } else {
+                        // After a relist the cache was swapped in whole: reconcile everything,
+                        // so instances that appeared during the relist are judged too.
+                        let _ = relist_tx.unbounded_send(());
+                    }
+                }
             }
+            Err(e) => tracing::warn!(error = %e, "ServiceInstance watch"),
         }
-        Err(e) => tracing::warn!(error = %e, "ServiceInstance watch"),
     })
     .touched_objects();
 
     let mapper_views = views.clone();
     let controller = Controller::for_stream(events, reader)
+        .reconcile_all_on(relist_rx)
         .watches_stream(lease_events, move |lease: Lease| {
             mapper_views.instances_for(&lease)
         })
@@ -401,6 +484,10 @@ async fn reconcile(si: Arc<ServiceInstance>, ctx: Arc<Context>) -> Result<Action
     };
     let name = si.name_any();
     let views = &ctx.views;
+    if si.metadata.deletion_timestamp.is_some() {
+        // Being deleted (by us, its owner's garbage collection, or a user): nothing to judge.
+        return Ok(Action::await_change());
+    }
 
     // Heartbeat signals. Until the Lease cache is complete, a Lease that is not in it yet would
     // look like one that appears later (a heartbeat): judge once it is complete.
@@ -422,6 +509,7 @@ async fn reconcile(si: Arc<ServiceInstance>, ctx: Arc<Context>) -> Result<Action
         annotation,
         lease: lease.flatten().and_then(|l| renewal(&l)),
     };
+    let cached_renewal = signals.lease.clone();
 
     let now = views.now();
     let sight = Sight {
@@ -443,13 +531,34 @@ async fn reconcile(si: Arc<ServiceInstance>, ctx: Arc<Context>) -> Result<Action
         ttl: si.spec.ttl(),
         delete_after: si.spec.delete_after(),
     };
-    let judgement = liveness::judge(timing, observed, status::prior(&si), now);
+    // What the status says now: what we last wrote when we have it (the cache may not have
+    // caught up with our own writes yet), else the cache's.
+    let baseline = views
+        .written
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .get(&uid)
+        .cloned()
+        .unwrap_or_else(|| status::liveness_view(si.status.as_ref()));
+    let judgement = liveness::judge(timing, observed, status::prior(Some(&baseline)), now);
+    if matches!(judgement.liveness, Liveness::Silent | Liveness::Expired)
+        && views.any_watch_broken()
+    {
+        // Heartbeats may be arriving unseen: judge nothing silent until the watch is back.
+        return Ok(Action::requeue(Duration::from_secs(1)));
+    }
     if judgement.liveness == Liveness::Expired {
-        return expire(&si, &namespace, &uid, &ctx).await;
+        return expire(&si, &namespace, &uid, cached_renewal, &ctx).await;
     }
 
-    let desired = status::desired(&si, judgement.liveness, &problems, jiff::Timestamp::now());
-    if status::liveness_view(si.status.as_ref()) != desired {
+    let desired = status::desired(
+        &si,
+        Some(&baseline),
+        judgement.liveness,
+        &problems,
+        jiff::Timestamp::now(),
+    );
+    if baseline != desired {
         let api: Api<ServiceInstance> = Api::namespaced(ctx.client.clone(), &namespace);
         let patch = json!({
             "apiVersion": ServiceInstance::api_version(&()),
@@ -466,7 +575,12 @@ async fn reconcile(si: Arc<ServiceInstance>, ctx: Arc<Context>) -> Result<Action
             "apply the status of ServiceInstance {namespace}/{name}"
         )))?;
         ctx.metrics.status_written();
-        let before = si.status.as_ref().and_then(|s| s.phase);
+        views
+            .written
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(uid.clone(), desired.clone());
+        let before = baseline.phase;
         if let Some(phase) = desired.phase
             && before != Some(phase)
         {
@@ -481,11 +595,28 @@ async fn reconcile(si: Arc<ServiceInstance>, ctx: Arc<Context>) -> Result<Action
     })
 }
 
-/// Deletes an instance after `deleteAfterSeconds` of observed silence. The uid and
-/// resourceVersion preconditions make it lose any race: a heartbeat that lands first changes
-/// the resourceVersion, the delete is refused, and the watch brings the heartbeat.
-async fn expire(si: &ServiceInstance, namespace: &str, uid: &str, ctx: &Context) -> Result<Action> {
+/// Deletes an instance after `deleteAfterSeconds` of observed silence. It loses every race
+/// with a heartbeat: an annotation heartbeat changes the instance's resourceVersion, so the
+/// delete's preconditions refuse it; a Lease renewal does not, so the Lease is read afresh
+/// first and a renewal the cache has not delivered yet cancels the deletion.
+async fn expire(
+    si: &ServiceInstance,
+    namespace: &str,
+    uid: &str,
+    cached_renewal: Option<String>,
+    ctx: &Context,
+) -> Result<Action> {
     let name = si.name_any();
+    if let Some(lease) = &si.spec.lease_name {
+        let leases: Api<Lease> = Api::namespaced(ctx.client.clone(), namespace);
+        let fresh = leases.get_opt(lease).await.map_err(Error::kube(format!(
+            "read Lease {namespace}/{lease} before expiring {name}"
+        )))?;
+        if fresh.as_ref().and_then(renewal) != cached_renewal {
+            // Renewed after what we saw: the Lease watch will bring it as a heartbeat.
+            return Ok(Action::requeue(Duration::from_millis(200)));
+        }
+    }
     let api: Api<ServiceInstance> = Api::namespaced(ctx.client.clone(), namespace);
     let params = DeleteParams {
         preconditions: Some(Preconditions {
@@ -515,10 +646,12 @@ async fn expire(si: &ServiceInstance, namespace: &str, uid: &str, ctx: &Context)
             publish(ctx, si, event).await;
             Ok(Action::await_change())
         }
-        // Changed (a heartbeat?) or already gone: the watch brings the new state.
-        Err(kube::Error::Api(status)) if status.code == 409 || status.code == 404 => {
-            Ok(Action::await_change())
+        // Changed (a heartbeat?): judge again once the watch brings the new state.
+        Err(kube::Error::Api(status)) if status.code == 409 => {
+            Ok(Action::requeue(Duration::from_millis(200)))
         }
+        // Already gone.
+        Err(kube::Error::Api(status)) if status.code == 404 => Ok(Action::await_change()),
         Err(e) => Err(Error::kube(format!(
             "delete expired ServiceInstance {namespace}/{name}"
         ))(e)),

@@ -103,11 +103,16 @@ pub fn judge(timing: Timing, observed: Observed, prior: Prior, now: Tick) -> Jud
             next_check: timing.delete_after.map(|d| silence_start + d),
         };
     }
-    // Within the TTL: alive if a heartbeat was seen in this view, else what the status said.
-    let liveness = match (observed.last_heartbeat, prior) {
-        (Some(_), _) | (None, Prior::Alive) => Liveness::Alive,
-        (None, Prior::Silent) => Liveness::Silent,
-        (None, Prior::Unjudged) => Liveness::Pending,
+    // Within the TTL: alive if a heartbeat was seen in this view; else (a heartbeat from before
+    // a relist proves nothing now) what the status said.
+    let heartbeat_in_view = observed
+        .last_heartbeat
+        .is_some_and(|hb| hb >= observed.watching_since);
+    let liveness = match prior {
+        _ if heartbeat_in_view => Liveness::Alive,
+        Prior::Alive => Liveness::Alive,
+        Prior::Silent => Liveness::Silent,
+        Prior::Unjudged => Liveness::Pending,
     };
     Judgement {
         liveness,
@@ -260,8 +265,25 @@ mod tests {
             (T, seen(500, None), Prior::Alive, 529, Alive, Some(530)),
             (T, seen(500, None), Prior::Silent, 510, Silent, Some(530)),
             (T, seen(500, None), Prior::Alive, 530, Silent, Some(590)),
-            // A relist moves the view's start: a heartbeat from before it does not shorten grace.
+            // A relist moves the view's start: a heartbeat from before it does not shorten grace,
+            // nor revive an instance the status says is silent.
             (T, seen(500, Some(100)), Prior::Alive, 529, Alive, Some(530)),
+            (
+                T,
+                seen(500, Some(100)),
+                Prior::Silent,
+                510,
+                Silent,
+                Some(530),
+            ),
+            (
+                T,
+                seen(500, Some(500)),
+                Prior::Silent,
+                510,
+                Alive,
+                Some(530),
+            ),
             (
                 T,
                 seen(500, Some(100)),
@@ -497,8 +519,12 @@ mod tests {
                         prop_assert!(since_hb.is_none_or(|d| d >= timing.ttl) || prior == Prior::Silent,
                             "judged silent {since_hb:?} after a heartbeat");
                     }
-                    Liveness::Alive | Liveness::Pending => {
-                        prop_assert!(quiet < timing.ttl || j.next_check.is_some_and(|n| n > now));
+                    Liveness::Alive => {
+                        let in_view = observed.last_heartbeat.is_some_and(|hb| hb >= observed.watching_since);
+                        prop_assert!(in_view || prior == Prior::Alive, "revived without a heartbeat in view");
+                    }
+                    Liveness::Pending => {
+                        prop_assert!(last_heartbeat.is_none() || prior == Prior::Unjudged);
                     }
                 }
                 if let Some(next) = j.next_check {

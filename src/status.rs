@@ -28,8 +28,8 @@ pub struct SignalProblems {
 }
 
 /// What the written status says about liveness, for the next judgement.
-pub fn prior(si: &ServiceInstance) -> Prior {
-    match si.status.as_ref().and_then(|s| s.phase) {
+pub fn prior(status: Option<&ServiceInstanceStatus>) -> Prior {
+    match status.and_then(|s| s.phase) {
         Some(Phase::Ready | Phase::Draining) => Prior::Alive,
         Some(Phase::Unhealthy) => Prior::Silent,
         Some(Phase::Pending) | None => Prior::Unjudged,
@@ -46,9 +46,11 @@ pub fn phase(liveness: Liveness, draining: bool) -> Phase {
     }
 }
 
-/// The status `si` should have, given the verdict. `now` stamps conditions that change.
+/// The status `si` should have, given the verdict and its `current` status (the one last
+/// written, which the cache may not show yet). `now` stamps conditions that change.
 pub fn desired(
     si: &ServiceInstance,
+    current: Option<&ServiceInstanceStatus>,
     liveness: Liveness,
     problems: &SignalProblems,
     now: Timestamp,
@@ -125,7 +127,7 @@ pub fn desired(
             ),
         }
     };
-    let current = liveness_view(si.status.as_ref()).conditions;
+    let current = liveness_view(current).conditions;
     let condition = |type_: &str, status: &str, reason: &str, message: String| Condition {
         type_: type_.into(),
         status: status.into(),
@@ -305,7 +307,7 @@ mod tests {
         for (liveness, draining, phase, ready, reason, hb) in cases {
             let mut si = instance();
             si.spec.draining = draining;
-            let s = desired(&si, liveness, &none, at(100));
+            let s = desired(&si, si.status.as_ref(), liveness, &none, at(100));
             assert_eq!(s.phase, Some(phase), "{liveness:?} draining={draining}");
             assert_eq!(condition(&s, READY).status, ready);
             assert_eq!(condition(&s, READY).reason, reason);
@@ -322,7 +324,7 @@ mod tests {
             lease_missing: true,
             ..Default::default()
         };
-        let s = desired(&si, Liveness::Pending, &lease, at(1));
+        let s = desired(&si, si.status.as_ref(), Liveness::Pending, &lease, at(1));
         let c = condition(&s, HEARTBEATING);
         assert_eq!(c.reason, "LeaseNotFound");
         assert!(c.message.contains("\"web-1\""), "{}", c.message);
@@ -330,7 +332,7 @@ mod tests {
             annotation_not_timestamp: true,
             ..Default::default()
         };
-        let s = desired(&instance(), Liveness::Alive, &annotation, at(1));
+        let s = desired(&instance(), None, Liveness::Alive, &annotation, at(1));
         assert_eq!(condition(&s, HEARTBEATING).reason, "HeartbeatNotTimestamp");
         assert_eq!(condition(&s, HEARTBEATING).status, "True");
     }
@@ -338,21 +340,45 @@ mod tests {
     #[test]
     fn steady_state_computes_the_same_status() {
         let mut si = instance();
-        let first = desired(&si, Liveness::Alive, &SignalProblems::default(), at(100));
+        let first = desired(
+            &si,
+            si.status.as_ref(),
+            Liveness::Alive,
+            &SignalProblems::default(),
+            at(100),
+        );
         si.status = Some(first.clone());
         // Later reconciles of an unchanged, heartbeating instance compute the same status: no write.
         assert_eq!(
-            desired(&si, Liveness::Alive, &SignalProblems::default(), at(500)),
+            desired(
+                &si,
+                si.status.as_ref(),
+                Liveness::Alive,
+                &SignalProblems::default(),
+                at(500)
+            ),
             first
         );
         // A transition changes it, and moves the transition time.
-        let silent = desired(&si, Liveness::Silent, &SignalProblems::default(), at(600));
+        let silent = desired(
+            &si,
+            si.status.as_ref(),
+            Liveness::Silent,
+            &SignalProblems::default(),
+            at(600),
+        );
         assert_ne!(silent, first);
         assert_eq!(condition(&silent, READY).last_transition_time.0, at(600));
         // A new generation is a change.
         si.metadata.generation = Some(4);
         assert_ne!(
-            desired(&si, Liveness::Alive, &SignalProblems::default(), at(700)),
+            desired(
+                &si,
+                si.status.as_ref(),
+                Liveness::Alive,
+                &SignalProblems::default(),
+                at(700)
+            ),
             first
         );
     }
@@ -360,7 +386,13 @@ mod tests {
     #[test]
     fn other_managers_conditions_are_not_ours() {
         let mut si = instance();
-        let mut status = desired(&si, Liveness::Alive, &SignalProblems::default(), at(1));
+        let mut status = desired(
+            &si,
+            si.status.as_ref(),
+            Liveness::Alive,
+            &SignalProblems::default(),
+            at(1),
+        );
         let ours = status.clone();
         status.conditions.push(Condition {
             type_: "Projected".into(),
@@ -370,7 +402,13 @@ mod tests {
         // The projector's condition neither makes the liveness status differ nor gets copied.
         assert_eq!(liveness_view(si.status.as_ref()), ours);
         assert_eq!(
-            desired(&si, Liveness::Alive, &SignalProblems::default(), at(2)),
+            desired(
+                &si,
+                si.status.as_ref(),
+                Liveness::Alive,
+                &SignalProblems::default(),
+                at(2)
+            ),
             ours
         );
     }
@@ -378,7 +416,7 @@ mod tests {
     #[test]
     fn prior_follows_the_written_phase() {
         let mut si = instance();
-        assert_eq!(prior(&si), Prior::Unjudged);
+        assert_eq!(prior(si.status.as_ref()), Prior::Unjudged);
         for (p, want) in [
             (Phase::Pending, Prior::Unjudged),
             (Phase::Ready, Prior::Alive),
@@ -389,7 +427,7 @@ mod tests {
                 phase: Some(p),
                 ..Default::default()
             });
-            assert_eq!(prior(&si), want);
+            assert_eq!(prior(si.status.as_ref()), want);
         }
     }
 }

@@ -186,10 +186,13 @@ impl ControlPlane {
     /// Stops kube-controller-manager, kube-apiserver, then etcd, and removes the directory.
     /// Idempotent.
     pub fn stop(&mut self) {
-        for child in [self.apiserver.take(), self.etcd.take()]
-            .into_iter()
-            .flatten()
-        {
+        // In dependency order: the controller manager needs the apiserver, which needs etcd.
+        let children = [
+            self.controller_manager.take(),
+            self.apiserver.take(),
+            self.etcd.take(),
+        ];
+        for child in children.into_iter().flatten() {
             terminate(child);
         }
         if self.dir.exists() {
@@ -265,6 +268,7 @@ impl ControlPlane {
         for (name, child) in [
             ("etcd", &mut self.etcd),
             ("kube-apiserver", &mut self.apiserver),
+            ("kube-controller-manager", &mut self.controller_manager),
         ] {
             if let Some(c) = child
                 && let Ok(Some(status)) = c.try_wait()

@@ -104,8 +104,15 @@ fn shared() -> &'static Shared {
             _control_plane: None,
         }),
         // The garbage collector, so owner references work; the namespace controller, so deleted
-        // test namespaces really go.
-        None => LocalControlPlane::try_start(&["garbagecollector", "namespace"]).map(|cp| Shared {
+        // test namespaces really go; the EndpointSlice and mirroring controllers, to show that
+        // they leave Roster's slices alone.
+        None => LocalControlPlane::try_start(&[
+            "garbagecollector",
+            "namespace",
+            "endpointslice",
+            "endpointslicemirroring",
+        ])
+        .map(|cp| Shared {
             kubeconfig: cp.kubeconfig.clone(),
             _control_plane: Some(Mutex::new(cp)),
         }),
@@ -266,16 +273,26 @@ impl ControllerProcess {
 
     /// Runs `roster <args>` with its stderr collected.
     pub fn spawn(args: &[&str]) -> ControllerProcess {
-        let mut child = tokio::process::Command::new(ROSTER)
+        let mut child = tokio::process::Command::new(ROSTER);
+        child
             .args(args)
             .env("ROSTER_LOG_LEVEL", "info,roster=debug")
             .env_remove("RUST_LOG")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start the roster binary");
+            .kill_on_drop(true);
+        // Dies with the test thread too, even when the test process is killed with -9.
+        // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+        unsafe {
+            child.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = child.spawn().expect("start the roster binary");
         let stderr = child.stderr.take().expect("piped stderr");
         let output = Arc::new(Mutex::new(String::new()));
         let printed = Arc::new(tokio::sync::Notify::new());

@@ -185,11 +185,25 @@ async fn annotation_heartbeats_keep_an_instance_ready_then_silence_expires_it() 
     );
 
     // Each transition was one status write (Pending, Ready, Unhealthy) and one Event, which is
-    // what `kubectl describe` / `kubectl get events` show.
+    // what `kubectl describe` / `kubectl get events` show. (Expired is published just after the
+    // delete, so it is awaited.)
     assert_eq!(metric(&addr, "roster_status_writes_total").await, 3.0);
-    let mut seen = reasons(&client, &ns.name, "a").await;
-    seen.sort();
-    assert_eq!(seen, ["Expired", "HeartbeatSilent", "Ready", "Registered"]);
+    let all = ["Expired", "HeartbeatSilent", "Ready", "Registered"];
+    let wait = async {
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            tick.tick().await;
+            let mut seen = reasons(&client, &ns.name, "a").await;
+            seen.sort();
+            if seen.len() >= all.len() {
+                return seen;
+            }
+        }
+    };
+    let seen = tokio::time::timeout(TIMEOUT, wait)
+        .await
+        .expect("the four Events");
+    assert_eq!(seen, all);
 }
 
 async fn await_metric(addr: &str, name: &str, at_least: f64) {
@@ -218,7 +232,7 @@ async fn a_heartbeat_brings_an_instance_back_and_persistent_instances_stay() {
     let _controller = ControllerProcess::start(&harness::kubeconfig().await, &ns.name);
 
     // deleteAfterSeconds: 0 — persistent: only ever marked Unhealthy.
-    let mut si = instance("p", 1, 0);
+    let mut si = instance("p", 2, 0);
     si.metadata.annotations = Some(
         [(
             "roster.dev/heartbeat".to_string(),

@@ -1,0 +1,457 @@
+//! The projection against the real apiserver: Service, EndpointSlices and ConfigMap follow the
+//! registry; a user's Service is left alone; kube-controller-manager's EndpointSlice and
+//! mirroring controllers (running in the harness's control plane) do not fight Roster.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use futures::StreamExt;
+use k8s_openapi::api::{
+    core::v1::{ConfigMap, Service},
+    discovery::v1::EndpointSlice,
+};
+use kube::{
+    Api, Client,
+    api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
+    runtime::{WatchStreamExt, watcher},
+};
+use roster::api::{InstancePort, Phase, ServiceInstance, ServiceInstanceSpec};
+use serde_json::json;
+
+use crate::harness::{self, ControllerProcess, TestNamespace, http_get, wait_deleted, wait_for};
+
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+fn instance(service: &str, name: &str, address: &str) -> ServiceInstance {
+    let mut spec =
+        ServiceInstanceSpec::new(service, address, vec![InstancePort::tcp("http", 8080)]);
+    spec.delete_after_seconds = Some(0);
+    let mut si = ServiceInstance::new(name, spec);
+    // Registered with a heartbeat: Ready at once.
+    si.metadata.annotations = Some(BTreeMap::from([(
+        "roster.dev/heartbeat".to_string(),
+        jiff::Timestamp::now().to_string(),
+    )]));
+    si
+}
+
+/// (ready, serving, terminating) of the endpoint for `name` across the service's slices.
+fn endpoint(slices: &[EndpointSlice], name: &str) -> Option<(bool, bool, bool)> {
+    slices.iter().flat_map(|s| &s.endpoints).find_map(|e| {
+        (e.target_ref.as_ref()?.name.as_deref() == Some(name)).then(|| {
+            let c = e.conditions.clone().unwrap_or_default();
+            (
+                c.ready.unwrap_or(false),
+                c.serving.unwrap_or(false),
+                c.terminating.unwrap_or(false),
+            )
+        })
+    })
+}
+
+async fn slices_of(client: &Client, ns: &str, service: &str) -> Vec<EndpointSlice> {
+    Api::<EndpointSlice>::namespaced(client.clone(), ns)
+        .list(&ListParams::default().labels(&format!("kubernetes.io/service-name={service}")))
+        .await
+        .expect("list slices")
+        .items
+}
+
+/// Waits until the service's slices satisfy `done`, watching them.
+async fn await_slices(
+    client: &Client,
+    ns: &str,
+    service: &str,
+    what: &str,
+    done: impl Fn(&[EndpointSlice]) -> bool,
+) -> Vec<EndpointSlice> {
+    let api: Api<EndpointSlice> = Api::namespaced(client.clone(), ns);
+    let config =
+        watcher::Config::default().labels(&format!("kubernetes.io/service-name={service}"));
+    let (reader, writer) = kube::runtime::reflector::store();
+    let wait = async {
+        let mut events = std::pin::pin!(watcher(api, config).reflect(writer));
+        let mut synced = false;
+        while let Some(event) = events.next().await {
+            synced |= matches!(event, Ok(watcher::Event::InitDone));
+            if synced {
+                let state: Vec<EndpointSlice> =
+                    reader.state().iter().map(|s| (**s).clone()).collect();
+                if done(&state) {
+                    return state;
+                }
+            }
+        }
+        panic!("the slice watch ended");
+    };
+    match tokio::time::timeout(TIMEOUT, wait).await {
+        Ok(slices) => slices,
+        Err(_) => panic!(
+            "timed out waiting for slices: {what}; last: {:#?}",
+            slices_of(client, ns, service).await
+        ),
+    }
+}
+
+fn config_json(cm: &ConfigMap) -> serde_json::Value {
+    let text = cm
+        .data
+        .as_ref()
+        .and_then(|d| d.get("instances.json"))
+        .cloned()
+        .unwrap_or_default();
+    serde_json::from_str(&text).unwrap_or_default()
+}
+
+#[tokio::test]
+async fn instances_are_projected_into_service_slices_and_config_map() {
+    let client = harness::client().await;
+    let ns = TestNamespace::new(&client, "project").await;
+    let api: Api<ServiceInstance> = Api::namespaced(client.clone(), &ns.name);
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns.name);
+    let services: Api<Service> = Api::namespaced(client.clone(), &ns.name);
+    let _controller = ControllerProcess::start(&harness::kubeconfig().await, &ns.name);
+
+    // Register: ready in the slice and in the ConfigMap, behind a selectorless ClusterIP Service.
+    let mut a = instance("shop", "a", "10.1.0.1");
+    a.spec.zone = Some("zone-a".into());
+    a.spec.metadata.insert("version".into(), "1.2.3".into());
+    api.create(&PostParams::default(), &a)
+        .await
+        .expect("create a");
+    api.create(&PostParams::default(), &instance("shop", "b", "10.1.0.2"))
+        .await
+        .expect("create b");
+    let slices = await_slices(&client, &ns.name, "shop", "a and b ready", |s| {
+        endpoint(s, "a") == Some((true, true, false))
+            && endpoint(s, "b") == Some((true, true, false))
+    })
+    .await;
+    assert_eq!(slices.len(), 1);
+    let slice = &slices[0];
+    assert_eq!(slice.address_type, "IPv4");
+    assert_eq!(
+        slice
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get("endpointslice.kubernetes.io/managed-by"))
+            .map(String::as_str),
+        Some("roster.dev")
+    );
+    let zone = slice
+        .endpoints
+        .iter()
+        .find(|e| e.addresses == ["10.1.0.1"])
+        .and_then(|e| e.zone.clone());
+    assert_eq!(zone.as_deref(), Some("zone-a"));
+    let svc = services.get("shop").await.expect("Service");
+    let spec = svc.spec.clone().unwrap_or_default();
+    assert!(spec.selector.is_none(), "selectorless");
+    assert!(spec.cluster_ip.is_some_and(|ip| ip != "None"), "ClusterIP");
+    assert_eq!(
+        spec.ports
+            .unwrap_or_default()
+            .first()
+            .map(|p| (p.name.clone(), p.port)),
+        Some((Some("http".into()), 8080))
+    );
+    let cm = wait_for(
+        &cms,
+        "shop-roster",
+        "the ConfigMap with a and b",
+        TIMEOUT,
+        |cm: Option<&ConfigMap>| {
+            cm.is_some_and(|cm| {
+                config_json(cm)["instances"]
+                    .as_array()
+                    .is_some_and(|i| i.len() == 2)
+            })
+        },
+    )
+    .await;
+    let view = config_json(&cm);
+    assert_eq!(view["instances"][0]["name"], "a");
+    assert_eq!(view["instances"][0]["metadata"]["version"], "1.2.3");
+    assert_eq!(view["instances"][0]["weight"], 100);
+    assert_eq!(view["instances"][0]["ready"], true);
+
+    // Draining: serving and terminating, not ready.
+    api.patch(
+        "a",
+        &PatchParams::default(),
+        &Patch::Merge(&json!({"spec": {"draining": true}})),
+    )
+    .await
+    .expect("drain");
+    await_slices(&client, &ns.name, "shop", "a draining", |s| {
+        endpoint(s, "a") == Some((false, true, true))
+    })
+    .await;
+
+    // Unhealthy: not ready (b stops heartbeating: TTL 1 s).
+    api.patch(
+        "b",
+        &PatchParams::default(),
+        &Patch::Merge(&json!({"spec": {"ttlSeconds": 1}})),
+    )
+    .await
+    .expect("short ttl");
+    await_slices(&client, &ns.name, "shop", "b unhealthy", |s| {
+        endpoint(s, "b") == Some((false, false, false))
+    })
+    .await;
+    let cm = wait_for(
+        &cms,
+        "shop-roster",
+        "b not ready in the ConfigMap",
+        TIMEOUT,
+        |cm: Option<&ConfigMap>| {
+            cm.is_some_and(|cm| config_json(cm)["instances"][1]["ready"] == false)
+        },
+    )
+    .await;
+    assert_eq!(config_json(&cm)["instances"][1]["serving"], false);
+
+    // Deletion: the endpoint goes; with the last instance, everything goes.
+    api.delete("b", &DeleteParams::default())
+        .await
+        .expect("delete b");
+    await_slices(&client, &ns.name, "shop", "b gone", |s| {
+        endpoint(s, "b").is_none() && endpoint(s, "a").is_some()
+    })
+    .await;
+    let svc_uid = svc.metadata.uid.clone().unwrap_or_default();
+    let cm_uid = cm.metadata.uid.clone().unwrap_or_default();
+    api.delete("a", &DeleteParams::default())
+        .await
+        .expect("delete a");
+    wait_deleted(&services, "shop", &svc_uid, TIMEOUT).await;
+    wait_deleted(&cms, "shop-roster", &cm_uid, TIMEOUT).await;
+    await_slices(
+        &client,
+        &ns.name,
+        "shop",
+        "no slices",
+        <[EndpointSlice]>::is_empty,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn two_hundred_fifty_instances_make_three_slices_and_one_change_writes_one() {
+    let client = harness::client().await;
+    let ns = TestNamespace::new(&client, "slices").await;
+    let api: Api<ServiceInstance> = Api::namespaced(client.clone(), &ns.name);
+    let controller = ControllerProcess::start(&harness::kubeconfig().await, &ns.name);
+    let addr = controller.http_addr(TIMEOUT).await;
+
+    futures::stream::iter(0..250)
+        .map(|i| {
+            let api = api.clone();
+            async move {
+                let si = instance(
+                    "big",
+                    &format!("i{i:03}"),
+                    &format!("10.2.{}.{}", i / 200, i % 200 + 1),
+                );
+                api.create(&PostParams::default(), &si)
+                    .await
+                    .expect("create")
+            }
+        })
+        .buffer_unordered(16)
+        .collect::<Vec<_>>()
+        .await;
+    let slices = await_slices(&client, &ns.name, "big", "250 ready endpoints", |s| {
+        s.iter()
+            .flat_map(|s| &s.endpoints)
+            .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) == Some(true))
+            .count()
+            == 250
+    })
+    .await;
+    let mut sizes: Vec<usize> = slices.iter().map(|s| s.endpoints.len()).collect();
+    sizes.sort();
+    assert_eq!(sizes, vec![50, 100, 100]);
+
+    // One instance starts draining: exactly one slice is rewritten.
+    let writes = slice_writes(&addr).await;
+    let versions: BTreeMap<String, String> = slices
+        .iter()
+        .map(|s| {
+            (
+                s.metadata.name.clone().unwrap_or_default(),
+                s.metadata.resource_version.clone().unwrap_or_default(),
+            )
+        })
+        .collect();
+    api.patch(
+        "i123",
+        &PatchParams::default(),
+        &Patch::Merge(&json!({"spec": {"draining": true}})),
+    )
+    .await
+    .expect("drain");
+    let after = await_slices(&client, &ns.name, "big", "i123 draining", |s| {
+        endpoint(s, "i123") == Some((false, true, true))
+    })
+    .await;
+    let changed: Vec<String> = after
+        .iter()
+        .filter(|s| {
+            versions.get(s.metadata.name.as_deref().unwrap_or_default())
+                != s.metadata.resource_version.as_ref()
+        })
+        .filter_map(|s| s.metadata.name.clone())
+        .collect();
+    assert_eq!(changed.len(), 1, "slices rewritten: {changed:?}");
+    assert_eq!(slice_writes(&addr).await, writes + 1.0);
+}
+
+async fn slice_writes(addr: &str) -> f64 {
+    let (_, body) = http_get(addr, "/metrics").await;
+    body.lines()
+        .find_map(|l| l.strip_prefix(r#"roster_projection_writes_total{kind="EndpointSlice"} "#))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn a_users_service_is_left_alone_and_the_conflict_is_reported() {
+    let client = harness::client().await;
+    let ns = TestNamespace::new(&client, "conflict").await;
+    let api: Api<ServiceInstance> = Api::namespaced(client.clone(), &ns.name);
+    let services: Api<Service> = Api::namespaced(client.clone(), &ns.name);
+    let _controller = ControllerProcess::start(&harness::kubeconfig().await, &ns.name);
+
+    let theirs: Service = serde_json::from_value(json!({
+        "metadata": {"name": "payments"},
+        "spec": {"selector": {"app": "payments"}, "ports": [{"name": "web", "port": 80}]},
+    }))
+    .expect("service");
+    let theirs = services
+        .create(&PostParams::default(), &theirs)
+        .await
+        .expect("create Service");
+    api.create(
+        &PostParams::default(),
+        &instance("payments", "p1", "10.3.0.1"),
+    )
+    .await
+    .expect("create");
+    let si = wait_for(
+        &api,
+        "p1",
+        "the ServiceConflict condition",
+        TIMEOUT,
+        |si: Option<&ServiceInstance>| {
+            si.and_then(|si| si.status.as_ref()).is_some_and(|s| {
+                s.conditions
+                    .iter()
+                    .any(|c| c.type_ == "Projected" && c.reason == "ServiceConflict")
+            })
+        },
+    )
+    .await;
+    // The liveness conditions are intact beside the projector's.
+    assert_eq!(si.status.as_ref().and_then(|s| s.phase), Some(Phase::Ready));
+    let events = Api::<k8s_openapi::api::core::v1::Event>::namespaced(client.clone(), &ns.name)
+        .list(&ListParams::default().fields("involvedObject.name=p1"))
+        .await
+        .expect("events");
+    assert!(
+        events
+            .items
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("ServiceConflict"))
+    );
+    // The ConfigMap is still written (it is Roster's own), but the Service and slices are not.
+    wait_for(
+        &Api::<ConfigMap>::namespaced(client.clone(), &ns.name),
+        "payments-roster",
+        "the ConfigMap",
+        TIMEOUT,
+        |cm: Option<&ConfigMap>| cm.is_some(),
+    )
+    .await;
+    let now = services.get("payments").await.expect("get");
+    assert_eq!(
+        now.metadata.resource_version, theirs.metadata.resource_version,
+        "the user's Service was modified"
+    );
+    assert!(
+        slices_of(&client, &ns.name, "payments")
+            .await
+            .iter()
+            .all(|s| s
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get("endpointslice.kubernetes.io/managed-by"))
+                .map(String::as_str)
+                != Some("roster.dev")),
+        "Roster wrote slices for a Service it does not own"
+    );
+
+    // Opting in hands it over; the condition clears.
+    services
+        .patch("payments", &PatchParams::default(), &Patch::Merge(&json!({"metadata": {"annotations": {"roster.dev/adopt": "true"}}, "spec": {"selector": null}})))
+        .await
+        .expect("opt in");
+    await_slices(&client, &ns.name, "payments", "p1 projected", |s| {
+        endpoint(s, "p1") == Some((true, true, false))
+    })
+    .await;
+    wait_for(
+        &api,
+        "p1",
+        "the condition cleared",
+        TIMEOUT,
+        |si: Option<&ServiceInstance>| {
+            si.and_then(|si| si.status.as_ref())
+                .is_some_and(|s| !s.conditions.iter().any(|c| c.type_ == "Projected"))
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn kube_controller_managers_slice_controllers_do_not_fight_roster() {
+    let client = harness::client().await;
+    let ns = TestNamespace::new(&client, "nofight").await;
+    let api: Api<ServiceInstance> = Api::namespaced(client.clone(), &ns.name);
+    let _controller = ControllerProcess::start(&harness::kubeconfig().await, &ns.name);
+    for i in 0..3 {
+        api.create(
+            &PostParams::default(),
+            &instance("calm", &format!("c{i}"), &format!("10.4.0.{}", i + 1)),
+        )
+        .await
+        .expect("create");
+    }
+    let slices = await_slices(&client, &ns.name, "calm", "3 ready", |s| {
+        (0..3).all(|i| endpoint(s, &format!("c{i}")) == Some((true, true, false)))
+    })
+    .await;
+    assert_eq!(slices.len(), 1);
+    // The endpointslice and endpointslicemirroring controllers run beside Roster. For five
+    // seconds, nobody touches Roster's slice or adds one of their own for the service.
+    let watch = watcher(
+        Api::<EndpointSlice>::namespaced(client.clone(), &ns.name),
+        watcher::Config::default().labels("kubernetes.io/service-name=calm"),
+    )
+    .applied_objects();
+    let version = slices[0].metadata.resource_version.clone();
+    let fight = async {
+        let mut watch = std::pin::pin!(watch);
+        while let Some(Ok(slice)) = watch.next().await {
+            if slice.metadata.resource_version != version {
+                return slice;
+            }
+        }
+        futures::future::pending().await
+    };
+    if let Ok(slice) = tokio::time::timeout(Duration::from_secs(5), fight).await {
+        panic!("another writer touched the service's slices: {slice:#?}");
+    }
+}
