@@ -66,6 +66,9 @@ pub struct Settings {
     pub headless_services: bool,
 }
 
+/// The longest a graceful shutdown waits for in-flight work.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
 /// State shared by every reconcile.
 pub struct Context {
     pub client: Client,
@@ -458,15 +461,25 @@ pub async fn run(settings: &Settings, shutdown: CancellationToken) -> Result<()>
         leases: lease_reader,
         views,
     });
-    controller
+    let run = controller
         .graceful_shutdown_on(shutdown.clone().cancelled_owned())
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
             if let Err(e) = result {
                 tracing::debug!(error = %e, "reconcile loop");
             }
-        })
-        .await;
+        });
+    // Graceful shutdown finishes in-flight reconciles, but never waits longer than this: a
+    // shutdown that arrives before the first sync would otherwise wait for a sync that the
+    // stopped watch can no longer deliver.
+    let deadline = async {
+        shutdown.cancelled().await;
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+    };
+    tokio::select! {
+        () = run => {}
+        () = deadline => tracing::warn!("graceful shutdown took longer than {SHUTDOWN_GRACE:?}; stopping now"),
+    }
     shutdown.cancel();
     match serve.await {
         Ok(result) => result?,

@@ -51,11 +51,15 @@ pub async fn run(args: DevArgs, shutdown: CancellationToken) -> Result<()> {
         None => {
             let out = args.kubeconfig_out.unwrap_or_else(default_kubeconfig_out);
             eprintln!("Starting the embedded control plane (etcd + kube-apiserver on loopback)...");
-            let cp = ControlPlane::start(Options {
+            let start = ControlPlane::start(Options {
                 kubeconfig_out: Some(out.clone()),
                 ..Options::default()
-            })
-            .await?;
+            });
+            // Ctrl-C while starting: dropping the half-started control plane stops it.
+            let cp = tokio::select! {
+                cp = start => cp?,
+                () = shutdown.cancelled() => return Ok(()),
+            };
             eprintln!("kube-apiserver is ready at {}", cp.server());
             (Some(cp), out)
         }

@@ -128,4 +128,12 @@ async fn cancel_on_signal(token: CancellationToken) {
         _ = int.recv() => tracing::info!("SIGINT received; shutting down"),
     }
     token.cancel();
+    // A second signal means "now": exit without waiting for a graceful shutdown. Children
+    // (the embedded control plane) die with us through PR_SET_PDEATHSIG.
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    eprintln!("second signal: exiting immediately");
+    std::process::exit(130);
 }
