@@ -430,3 +430,34 @@ pub fn processes_mentioning(needle: &str) -> Vec<u32> {
         })
         .collect()
 }
+
+/// Waits until an Event with `reason` is recorded for the object `name` (what `kubectl describe`
+/// lists), and returns the reasons of all its Events.
+pub async fn await_event(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    reason: &str,
+    timeout: Duration,
+) -> Vec<String> {
+    let events: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(client.clone(), ns);
+    let params = kube::api::ListParams::default().fields(&format!("involvedObject.name={name}"));
+    let wait = async {
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            tick.tick().await;
+            let reasons: Vec<String> = events
+                .list(&params)
+                .await
+                .map(|l| l.items.into_iter().filter_map(|e| e.reason).collect())
+                .unwrap_or_default();
+            if reasons.iter().any(|r| r == reason) {
+                return reasons;
+            }
+        }
+    };
+    match tokio::time::timeout(timeout, wait).await {
+        Ok(reasons) => reasons,
+        Err(_) => panic!("no {reason} Event for {ns}/{name} within {timeout:?}"),
+    }
+}

@@ -11,7 +11,9 @@ use kube::{
 use roster::api::{InstancePort, Phase, ServiceInstance, ServiceInstanceSpec};
 use serde_json::json;
 
-use crate::harness::{self, ControllerProcess, TestNamespace, http_get, wait_deleted, wait_for};
+use crate::harness::{
+    self, ControllerProcess, TestNamespace, await_event, http_get, wait_deleted, wait_for,
+};
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -329,11 +331,7 @@ async fn draining_and_malformed_heartbeats() {
         .expect("drain");
     let si = await_phase(&api, "d", Phase::Draining, TIMEOUT).await;
     assert_eq!(condition(&si, "Ready"), ("False".into(), "Draining".into()));
-    assert!(
-        reasons(&client, &ns.name, "d")
-            .await
-            .contains(&"Draining".to_string())
-    );
+    await_event(&client, &ns.name, "d", "Draining", TIMEOUT).await;
 
     // Any change of the annotation is a heartbeat, but a non-timestamp is named on the condition.
     let patch = json!({"metadata": {"annotations": {"roster.dev/heartbeat": "not a time"}}, "spec": {"draining": false}});

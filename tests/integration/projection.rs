@@ -17,7 +17,9 @@ use kube::{
 use roster::api::{InstancePort, Phase, ServiceInstance, ServiceInstanceSpec};
 use serde_json::json;
 
-use crate::harness::{self, ControllerProcess, TestNamespace, http_get, wait_deleted, wait_for};
+use crate::harness::{
+    self, ControllerProcess, TestNamespace, await_event, http_get, wait_deleted, wait_for,
+};
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -355,16 +357,7 @@ async fn a_users_service_is_left_alone_and_the_conflict_is_reported() {
     .await;
     // The liveness conditions are intact beside the projector's.
     assert_eq!(si.status.as_ref().and_then(|s| s.phase), Some(Phase::Ready));
-    let events = Api::<k8s_openapi::api::core::v1::Event>::namespaced(client.clone(), &ns.name)
-        .list(&ListParams::default().fields("involvedObject.name=p1"))
-        .await
-        .expect("events");
-    assert!(
-        events
-            .items
-            .iter()
-            .any(|e| e.reason.as_deref() == Some("ServiceConflict"))
-    );
+    await_event(&client, &ns.name, "p1", "ServiceConflict", TIMEOUT).await;
     // The ConfigMap is still written (it is Roster's own), but the Service and slices are not.
     wait_for(
         &Api::<ConfigMap>::namespaced(client.clone(), &ns.name),
@@ -454,4 +447,73 @@ async fn kube_controller_managers_slice_controllers_do_not_fight_roster() {
     if let Ok(slice) = tokio::time::timeout(Duration::from_secs(5), fight).await {
         panic!("another writer touched the service's slices: {slice:#?}");
     }
+}
+
+#[tokio::test]
+async fn a_service_too_big_for_a_config_map_says_so_and_keeps_its_slices() {
+    let client = harness::client().await;
+    let ns = TestNamespace::new(&client, "toobig").await;
+    let api: Api<ServiceInstance> = Api::namespaced(client.clone(), &ns.name);
+    let controller = ControllerProcess::start(&harness::kubeconfig().await, &ns.name);
+    let addr = controller.http_addr(TIMEOUT).await;
+
+    // 32 metadata values of 256 characters: ~8.5 kB of JSON per instance; 130 of them pass 1 MB.
+    let metadata: BTreeMap<String, String> = (0..32)
+        .map(|i| (format!("k{i:02}"), "v".repeat(256)))
+        .collect();
+    futures::stream::iter(0..130)
+        .map(|i| {
+            let (api, metadata) = (api.clone(), metadata.clone());
+            async move {
+                let mut si = instance("huge", &format!("h{i:03}"), &format!("10.5.0.{}", i + 1));
+                si.spec.metadata = metadata;
+                api.create(&PostParams::default(), &si)
+                    .await
+                    .expect("create")
+            }
+        })
+        .buffer_unordered(16)
+        .collect::<Vec<_>>()
+        .await;
+
+    // The slices stay correct...
+    await_slices(&client, &ns.name, "huge", "130 ready endpoints", |s| {
+        s.iter()
+            .flat_map(|s| &s.endpoints)
+            .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) == Some(true))
+            .count()
+            == 130
+    })
+    .await;
+    // ...and the instances, an Event and a metric say why the ConfigMap is not written.
+    let si = wait_for(
+        &api,
+        "h000",
+        "the ConfigMapTooLarge condition",
+        TIMEOUT,
+        |si: Option<&ServiceInstance>| {
+            si.and_then(|si| si.status.as_ref()).is_some_and(|s| {
+                s.conditions
+                    .iter()
+                    .any(|c| c.type_ == "Projected" && c.reason == "ConfigMapTooLarge")
+            })
+        },
+    )
+    .await;
+    let message = si
+        .status
+        .iter()
+        .flat_map(|s| &s.conditions)
+        .find(|c| c.type_ == "Projected")
+        .map(|c| c.message.clone())
+        .unwrap_or_default();
+    assert!(message.contains("over the 1000000-byte limit"), "{message}");
+    let (_, metrics) = http_get(&addr, "/metrics").await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "roster_config_maps_too_large 1"),
+        "{metrics}"
+    );
+    await_event(&client, &ns.name, "h000", "ConfigMapTooLarge", TIMEOUT).await;
 }
