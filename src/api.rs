@@ -50,8 +50,8 @@ pub struct ServiceInstanceSpec {
     /// Where the instance is reached: an IPv4 or IPv6 address, or a fully qualified domain name.
     #[schemars(length(min = 1, max = 253))]
     #[schemars(extend("x-kubernetes-validations" = [{
-        "rule": "isIP(self) || self.matches('^([a-z0-9]([-a-z0-9]*[a-z0-9])?\\\\.)*[a-z]([-a-z0-9]*[a-z0-9])?\\\\.?$')",
-        "message": "address must be an IPv4 address, an IPv6 address or a fully qualified domain name (lowercase)"
+        "rule": "isIP(self) ? (ip(self).isGlobalUnicast() && !ip(self).isLoopback()) : self.matches('^([a-z0-9]([-a-z0-9]*[a-z0-9])?\\\\.)+[a-z]([-a-z0-9]*[a-z0-9])?\\\\.?$')",
+        "message": "address must be a routable IPv4 or IPv6 address (not loopback, link-local, multicast or unspecified) or a lowercase fully qualified domain name with at least two labels"
     }]))]
     pub address: String,
 

@@ -351,10 +351,12 @@ pub async fn run(settings: &Settings, shutdown: CancellationToken) -> Result<()>
         projection: projection.clone(),
         membership: projector::Membership::default(),
     });
+    let written = Arc::new(projector::Written::default());
     let (services, slices, config_maps, synced) = projector::watch_children(
         &client,
         settings.namespace.as_deref(),
         &projection,
+        &written,
         &shutdown,
     );
 
@@ -413,6 +415,7 @@ pub async fn run(settings: &Settings, shutdown: CancellationToken) -> Result<()>
                         // After a relist the cache was swapped in whole: reconcile everything,
                         // so instances that appeared during the relist are judged too.
                         let _ = relist_tx.unbounded_send(());
+                        views.projection.project_all();
                     }
                 }
             }
@@ -452,6 +455,7 @@ pub async fn run(settings: &Settings, shutdown: CancellationToken) -> Result<()>
             headless: settings.headless_services,
         },
         synced,
+        written,
     ));
     tokio::spawn(projector.run(projection_keys, projection, shutdown.clone()));
     let ctx = Arc::new(Context {

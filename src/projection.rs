@@ -27,6 +27,8 @@ pub struct Member {
     pub zone: Option<String>,
     pub metadata: BTreeMap<String, String>,
     pub phase: Option<Phase>,
+    /// Being deleted (it has a deletionTimestamp): projected as terminating.
+    pub deleting: bool,
 }
 
 impl Member {
@@ -40,12 +42,47 @@ impl Member {
             zone: si.spec.zone.clone(),
             metadata: si.spec.metadata.clone(),
             phase: si.status.as_ref().and_then(|s| s.phase),
+            deleting: si.metadata.deletion_timestamp.is_some(),
         })
     }
 
-    /// Endpoint conditions: Ready → ready; Draining → serving and terminating, so in-flight
-    /// work drains; Pending and Unhealthy → none.
+    /// Why this instance's address cannot be an EndpointSlice endpoint, if it cannot: the
+    /// apiserver refuses loopback, link-local, unspecified and multicast IPs in slices, and an
+    /// FQDN needs at least two labels.
+    pub fn endpoint_problem(&self) -> Option<String> {
+        let special = || {
+            Some(format!(
+                "address {} is a loopback, link-local, unspecified or multicast IP, which an EndpointSlice cannot hold",
+                self.address
+            ))
+        };
+        match self.address.parse::<IpAddr>() {
+            Ok(ip) if ip.is_loopback() || ip.is_unspecified() || ip.is_multicast() => special(),
+            Ok(IpAddr::V4(v4)) if v4.is_link_local() => special(),
+            Ok(IpAddr::V6(v6)) if v6.is_unicast_link_local() => special(),
+            Ok(_) => None,
+            Err(_) if !self.address.trim_end_matches('.').contains('.') => Some(format!(
+                "address {:?} is a single-label name; an EndpointSlice needs a fully qualified domain name",
+                self.address
+            )),
+            Err(_) => None,
+        }
+    }
+
+    /// Endpoint conditions: Ready → ready; Draining, or being deleted → serving (if it was)
+    /// and terminating, so in-flight work drains; Pending, Unhealthy, or weight 0 (registered
+    /// but takes no traffic) → none.
     pub fn conditions(&self) -> Conditions {
+        if self.deleting {
+            return Conditions {
+                ready: false,
+                serving: matches!(self.phase, Some(Phase::Ready | Phase::Draining)),
+                terminating: true,
+            };
+        }
+        if self.weight == 0 {
+            return Conditions::default();
+        }
         match self.phase {
             Some(Phase::Ready) => Conditions {
                 ready: true,
@@ -234,7 +271,13 @@ pub fn service_ports(members: &[Member]) -> Vec<PortKey> {
             }
         }
     }
-    by_name.into_values().collect()
+    // A Service cannot hold two ports with the same number and protocol: a later name (in name
+    // order) whose number is taken is left out of the Service; its endpoints still carry it.
+    let mut taken = BTreeSet::new();
+    by_name
+        .into_values()
+        .filter(|p| taken.insert((p.port, p.protocol.clone())))
+        .collect()
 }
 
 /// One instance in the ConfigMap's JSON view. Field order is the JSON order.
@@ -304,6 +347,7 @@ mod tests {
             zone: None,
             metadata: BTreeMap::new(),
             phase: Some(phase),
+            deleting: false,
         }
     }
 
@@ -346,6 +390,51 @@ mod tests {
                 "{phase:?}"
             );
         }
+    }
+
+    #[test]
+    fn weight_zero_and_deletion() {
+        let mut m = member("a", "10.0.0.1", Phase::Ready);
+        m.weight = 0;
+        assert_eq!(m.conditions(), Conditions::default());
+        m.weight = 100;
+        m.deleting = true;
+        let draining = Conditions {
+            ready: false,
+            serving: true,
+            terminating: true,
+        };
+        assert_eq!(m.conditions(), draining);
+    }
+
+    #[test]
+    fn endpoint_problems() {
+        let cases = [
+            ("10.0.0.1", false),
+            ("127.0.0.1", true),
+            ("169.254.1.1", true),
+            ("0.0.0.0", true),
+            ("fd00::1", false),
+            ("fe80::1", true),
+            ("::1", true),
+            ("db.example.internal", false),
+            ("db", true),
+        ];
+        for (address, problem) in cases {
+            let m = member("a", address, Phase::Ready);
+            assert_eq!(m.endpoint_problem().is_some(), problem, "{address}");
+        }
+    }
+
+    #[test]
+    fn service_ports_never_repeat_a_number() {
+        let mut a = member("a", "10.0.0.1", Phase::Ready);
+        a.ports = vec![
+            InstancePort::tcp("http", 8080),
+            InstancePort::tcp("web", 8080),
+        ];
+        let names: Vec<String> = service_ports(&[a]).into_iter().map(|p| p.name).collect();
+        assert_eq!(names, vec!["http"]);
     }
 
     #[test]

@@ -2,15 +2,18 @@
 //! its EndpointSlices and a ConfigMap in line with the registry.
 //!
 //! Thin by design: it reads the watch caches, asks [`crate::projection`] what should exist, and
-//! writes only objects whose relevant fields differ (Server-Side Apply, one field manager).
-//! Changes are coalesced: a burst of instance changes within `window` is one projection per
-//! service.
+//! writes only objects whose relevant fields differ. Changes are coalesced: a burst of instance
+//! changes within the window is one projection per service.
+//!
+//! The caches can lag behind the projector's own writes, so it also remembers what it last wrote
+//! (with the resourceVersion the apiserver gave it) and what it deleted; a watch event with any
+//! other resourceVersion means someone else wrote, and the cache is believed again.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     sync::{
         Arc, Mutex, PoisonError,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -50,10 +53,11 @@ use crate::{
     },
 };
 
-/// Condition type the projector sets on instances when their service cannot be projected.
+/// Condition type the projector sets on instances when they, or their service, cannot be
+/// projected as asked.
 pub const PROJECTED: &str = "Projected";
 
-/// A service: (namespace, name).
+/// A service: (namespace, name). The empty key means "every service".
 pub type Key = (String, String);
 
 /// How the projector behaves.
@@ -61,7 +65,8 @@ pub type Key = (String, String);
 pub struct Options {
     /// Changes within this window are projected together.
     pub window: Duration,
-    /// Headless Services (`clusterIP: None`) instead of ClusterIP.
+    /// Headless Services (`clusterIP: None`) instead of ClusterIP; applies to Services it
+    /// creates (a Service's clusterIP cannot change).
     pub headless: bool,
 }
 
@@ -74,6 +79,17 @@ impl Trigger {
         // The receiver lives as long as the projector; after it stops there is nothing to do.
         let _ = self.0.send((namespace.to_string(), service.to_string()));
     }
+
+    /// Every known service: after a relist, when the caches were swapped in whole.
+    pub fn project_all(&self) {
+        let _ = self.0.send(Key::default());
+    }
+}
+
+/// Creates the trigger channel.
+pub fn trigger() -> (Trigger, mpsc::UnboundedReceiver<Key>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    (Trigger(tx), rx)
 }
 
 /// The caches the projector reads.
@@ -126,13 +142,62 @@ impl Membership {
     }
 }
 
+/// What the projector last wrote, by (kind, namespace, name): the resourceVersion the apiserver
+/// returned and the desired object as JSON.
+#[derive(Default)]
+pub struct Written(Mutex<HashMap<ObjectKey, (ResourceVersion, String)>>);
+
+/// (kind, namespace, name).
+type ObjectKey = (&'static str, String, String);
+type ResourceVersion = String;
+
+impl Written {
+    fn key(kind: &'static str, ns: &str, name: &str) -> ObjectKey {
+        (kind, ns.to_string(), name.to_string())
+    }
+
+    /// Whether `desired` is exactly what we last wrote, and nobody has written since.
+    fn unchanged(&self, kind: &'static str, ns: &str, name: &str, desired: &str) -> bool {
+        let map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        map.get(&Self::key(kind, ns, name))
+            .is_some_and(|(_, d)| d == desired)
+    }
+
+    fn record(
+        &self,
+        kind: &'static str,
+        ns: &str,
+        name: &str,
+        rv: Option<String>,
+        desired: String,
+    ) {
+        let mut map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        match rv {
+            Some(rv) => map.insert(Self::key(kind, ns, name), (rv, desired)),
+            None => map.remove(&Self::key(kind, ns, name)),
+        };
+    }
+
+    /// A watch event: a resourceVersion other than ours means another writer; forget ours.
+    fn observed(&self, kind: &'static str, ns: &str, name: &str, rv: Option<&str>) {
+        let mut map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let key = Self::key(kind, ns, name);
+        if map
+            .get(&key)
+            .is_some_and(|(ours, _)| Some(ours.as_str()) != rv)
+        {
+            map.remove(&key);
+        }
+    }
+}
+
 /// Starts the watches of Services, EndpointSlices and ConfigMaps (the instance watch belongs to
-/// the controller) and returns their caches' writers' streams, driven by spawned tasks, plus a
-/// flag that is set once all three are synced.
+/// the controller) and returns their caches and a flag that is set once all three are synced.
 pub fn watch_children(
     client: &Client,
     namespace: Option<&str>,
     trigger: &Trigger,
+    written: &Arc<Written>,
     shutdown: &CancellationToken,
 ) -> (
     Store<Service>,
@@ -141,29 +206,27 @@ pub fn watch_children(
     Arc<Synced>,
 ) {
     let synced = Arc::new(Synced::default());
+    let watch = |config| WatchContext {
+        config,
+        trigger: trigger.clone(),
+        written: written.clone(),
+        synced: synced.clone(),
+        shutdown: shutdown.clone(),
+    };
     let services = spawn_watch::<Service>(
         api(client, namespace),
-        watcher::Config::default(),
-        trigger.clone(),
+        watch(watcher::Config::default()),
         |svc| Some(svc.name_any()),
-        synced.clone(),
-        shutdown.clone(),
     );
     let slices = spawn_watch::<EndpointSlice>(
         api(client, namespace),
-        watcher::Config::default().labels(&format!("{SLICE_MANAGED_BY_LABEL}={MANAGED_BY}")),
-        trigger.clone(),
+        watch(watcher::Config::default().labels(&format!("{SLICE_MANAGED_BY_LABEL}={MANAGED_BY}"))),
         |slice| slice.labels().get(SERVICE_NAME_LABEL).cloned(),
-        synced.clone(),
-        shutdown.clone(),
     );
     let config_maps = spawn_watch::<ConfigMap>(
         api(client, namespace),
-        watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}")),
-        trigger.clone(),
+        watch(watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}"))),
         |cm| cm.labels().get(SERVICE_LABEL).cloned(),
-        synced.clone(),
-        shutdown.clone(),
     );
     (services, slices, config_maps, synced)
 }
@@ -171,7 +234,7 @@ pub fn watch_children(
 /// Counts synced watches; the projector starts once all of them are.
 #[derive(Default)]
 pub struct Synced {
-    count: std::sync::atomic::AtomicUsize,
+    count: AtomicUsize,
     instances: AtomicBool,
     notify: Notify,
 }
@@ -216,14 +279,15 @@ where
     }
 }
 
-fn spawn_watch<K>(
-    api: Api<K>,
+struct WatchContext {
     config: watcher::Config,
     trigger: Trigger,
-    service_of: fn(&K) -> Option<String>,
+    written: Arc<Written>,
     synced: Arc<Synced>,
     shutdown: CancellationToken,
-) -> Store<K>
+}
+
+fn spawn_watch<K>(api: Api<K>, cx: WatchContext, service_of: fn(&K) -> Option<String>) -> Store<K>
 where
     K: Resource<DynamicType = ()>
         + Clone
@@ -234,22 +298,31 @@ where
         + 'static,
 {
     let (reader, writer) = reflector::store();
-    let kind = K::kind(&()).to_string();
-    let mut first_sync = true;
-    let stream = watcher(api, config).default_backoff().reflect(writer);
+    let kind: &'static str = match K::kind(&()).as_ref() {
+        "Service" => "Service",
+        "EndpointSlice" => "EndpointSlice",
+        _ => "ConfigMap",
+    };
+    let stream = watcher(api, cx.config).default_backoff().reflect(writer);
     tokio::spawn(async move {
-        let mut stream = std::pin::pin!(stream.take_until(shutdown.cancelled_owned()));
+        let mut first_sync = true;
+        let mut stream = std::pin::pin!(stream.take_until(cx.shutdown.cancelled_owned()));
         while let Some(event) = stream.next().await {
             match event {
                 Ok(watcher::Event::Apply(obj) | watcher::Event::Delete(obj)) => {
-                    if let (Some(ns), Some(svc)) = (obj.namespace(), service_of(&obj)) {
-                        trigger.project(&ns, &svc);
+                    let (ns, name) = (obj.namespace().unwrap_or_default(), obj.name_any());
+                    cx.written
+                        .observed(kind, &ns, &name, obj.resource_version().as_deref());
+                    if let Some(svc) = service_of(&obj) {
+                        cx.trigger.project(&ns, &svc);
                     }
                 }
                 Ok(watcher::Event::InitDone) if first_sync => {
                     first_sync = false;
-                    synced.child_synced();
+                    cx.synced.child_synced();
                 }
+                // A relist: the cache was swapped in whole and events may have been missed.
+                Ok(watcher::Event::InitDone) => cx.trigger.project_all(),
                 Ok(_) => {}
                 Err(e) => tracing::warn!(%kind, error = %e, "watch"),
             }
@@ -258,11 +331,8 @@ where
     reader
 }
 
-/// Creates the trigger channel.
-pub fn trigger() -> (Trigger, mpsc::UnboundedReceiver<Key>) {
-    let (tx, rx) = mpsc::unbounded_channel();
-    (Trigger(tx), rx)
-}
+/// Why an instance, or its whole service, is not projected as asked.
+type Problem = (&'static str, String);
 
 /// The projector's state.
 pub struct Projector {
@@ -272,8 +342,13 @@ pub struct Projector {
     pub recorder: Recorder,
     pub options: Options,
     pub synced: Arc<Synced>,
+    written: Arc<Written>,
+    /// uids of Services the projector deleted: the cache may still show them.
+    deleted_services: Mutex<HashSet<String>>,
     /// Services whose ConfigMap would exceed the object size limit.
     too_large: Mutex<BTreeSet<Key>>,
+    /// Consecutive failures per service, for the retry backoff.
+    failures: Mutex<HashMap<Key, u32>>,
 }
 
 impl Projector {
@@ -284,6 +359,7 @@ impl Projector {
         recorder: Recorder,
         options: Options,
         synced: Arc<Synced>,
+        written: Arc<Written>,
     ) -> Self {
         Projector {
             client,
@@ -292,7 +368,10 @@ impl Projector {
             recorder,
             options,
             synced,
+            written,
+            deleted_services: Mutex::default(),
             too_large: Mutex::default(),
+            failures: Mutex::default(),
         }
     }
 
@@ -307,10 +386,8 @@ impl Projector {
             () = self.synced.wait() => {}
             () = shutdown.cancelled() => return,
         }
-        // Everything that exists now, including orphans of services that no longer have instances.
-        for key in self.known_keys() {
-            trigger.project(&key.0, &key.1);
-        }
+        // Everything that exists now, including orphans of services without instances.
+        trigger.project_all();
         loop {
             let first = tokio::select! {
                 key = keys.recv() => match key { Some(k) => k, None => return },
@@ -325,15 +402,30 @@ impl Projector {
                     () = &mut window => break,
                 }
             }
+            if batch.remove(&Key::default()) {
+                batch.extend(self.known_keys());
+            }
             for key in batch {
-                if let Err(e) = self.project(&key).await {
-                    self.metrics.reconcile_failed(&e);
-                    tracing::warn!(namespace = %key.0, service = %key.1, error = %crate::error::report(&e), "projection failed; retrying");
-                    let retry = trigger.clone();
-                    tokio::spawn(async move {
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                        retry.project(&key.0, &key.1);
-                    });
+                let result = self.project(&key).await;
+                let mut failures = self.failures.lock().unwrap_or_else(PoisonError::into_inner);
+                match result {
+                    Ok(()) => {
+                        failures.remove(&key);
+                    }
+                    Err(e) => {
+                        self.metrics.reconcile_failed(&e);
+                        let n = failures.entry(key.clone()).or_default();
+                        *n = n.saturating_add(1);
+                        // 1 s, 2 s, 4 s … at most a minute.
+                        let delay =
+                            Duration::from_secs(1 << (*n - 1).min(6)).min(Duration::from_secs(60));
+                        tracing::warn!(namespace = %key.0, service = %key.1, ?delay, error = %crate::error::report(&e), "projection failed; retrying");
+                        let retry = trigger.clone();
+                        tokio::spawn(async move {
+                            tokio::time::sleep(delay).await;
+                            retry.project(&key.0, &key.1);
+                        });
+                    }
                 }
             }
         }
@@ -341,21 +433,23 @@ impl Projector {
 
     fn known_keys(&self) -> BTreeSet<Key> {
         let mut keys = BTreeSet::new();
-        for si in self.caches.instances.state() {
-            if let Some(ns) = si.namespace() {
-                keys.insert((ns, si.spec.service.clone()));
+        let mut add = |ns: Option<String>, svc: Option<&String>| {
+            if let (Some(ns), Some(svc)) = (ns, svc) {
+                keys.insert((ns, svc.clone()));
             }
+        };
+        for si in self.caches.instances.state() {
+            add(si.namespace(), Some(&si.spec.service));
         }
         for slice in self.caches.slices.state() {
-            if let (Some(ns), Some(svc)) =
-                (slice.namespace(), slice.labels().get(SERVICE_NAME_LABEL))
-            {
-                keys.insert((ns, svc.clone()));
-            }
+            add(slice.namespace(), slice.labels().get(SERVICE_NAME_LABEL));
         }
         for cm in self.caches.config_maps.state() {
-            if let (Some(ns), Some(svc)) = (cm.namespace(), cm.labels().get(SERVICE_LABEL)) {
-                keys.insert((ns, svc.clone()));
+            add(cm.namespace(), cm.labels().get(SERVICE_LABEL));
+        }
+        for svc in self.caches.services.state() {
+            if has_labels(svc.labels(), &[(MANAGED_BY_LABEL, MANAGED_BY)]) {
+                add(svc.namespace(), svc.metadata.name.as_ref());
             }
         }
         keys
@@ -380,56 +474,88 @@ impl Projector {
         let stored_service = self
             .caches
             .services
-            .get(&reflector::ObjectRef::new(service).within(ns));
-        let ours = stored_service.as_deref().is_none_or(is_ours);
+            .get(&reflector::ObjectRef::new(service).within(ns))
+            .filter(|s| !self.was_deleted(s));
         if members.is_empty() {
-            return self
-                .clean_up(
-                    ns,
-                    service,
-                    stored_service.as_deref().filter(|s| is_ours(s)),
-                )
-                .await;
+            let ours = stored_service.as_deref().filter(|s| is_ours(s));
+            return self.clean_up(ns, service, ours).await;
         }
 
-        let mut problem: Option<(&str, String)> = None;
-        let owner = if ours {
-            let svc = self
-                .apply_service(ns, service, &members, stored_service.as_deref())
-                .await?;
-            Some(owner_reference(&svc))
-        } else {
-            problem = Some((
-                "ServiceConflict",
-                format!(
-                    "Service {service:?} exists and is not managed by Roster; it is left untouched and no \
-                     EndpointSlices are written. Delete it, or annotate it {ADOPT_ANNOTATION}=true to let Roster manage it"
-                ),
-            ));
-            None
+        // Instances whose address no EndpointSlice can hold are left out of the slices.
+        let mut per_instance: HashMap<String, Problem> = HashMap::new();
+        let endpoints: Vec<Member> = members
+            .iter()
+            .filter(|m| match m.endpoint_problem() {
+                Some(problem) => {
+                    per_instance.insert(m.name.clone(), ("InvalidEndpointAddress", problem));
+                    false
+                }
+                None => true,
+            })
+            .cloned()
+            .collect();
+
+        let mut problems: Vec<Problem> = Vec::new();
+        let owner = match stored_service.as_deref() {
+            Some(svc) if !is_ours(svc) => {
+                problems.push((
+                    "ServiceConflict",
+                    format!(
+                        "Service {service:?} exists and is not managed by Roster; it is left untouched and no \
+                         EndpointSlices are written. Delete it, or annotate it {ADOPT_ANNOTATION}=true to let \
+                         Roster manage it"
+                    ),
+                ));
+                None
+            }
+            stored => Some(owner_reference(
+                &self.apply_service(ns, service, &members, stored).await?,
+            )),
         };
         if let Some(owner) = &owner {
-            self.apply_slices(ns, service, &members, owner).await?;
+            self.apply_slices(ns, service, &endpoints, owner).await?;
         }
         let json = projection::config_json(service, &members);
         let too_large = json.len() > MAX_CONFIG_BYTES;
         self.track_too_large(key, too_large);
         if too_large {
-            problem = Some((
+            problems.push((
                 "ConfigMapTooLarge",
                 format!(
-                    "The JSON view of service {service:?} is {} bytes, over the {MAX_CONFIG_BYTES}-byte limit of a \
-                     ConfigMap; the ConfigMap is not updated (EndpointSlices are)",
-                    json.len()
+                    "The JSON view of service {service:?} is over the {MAX_CONFIG_BYTES}-byte limit of a \
+                     ConfigMap; the ConfigMap is not updated (the EndpointSlices are)"
                 ),
             ));
-        } else {
-            self.apply_config_map(ns, service, json, owner).await?;
+        } else if let Some(problem) = self.apply_config_map(ns, service, json, owner).await? {
+            problems.push(problem);
         }
-        for si in &instances {
-            self.report(si, problem.as_ref()).await?;
+
+        let service_problem = (!problems.is_empty()).then(|| {
+            let reason = problems[0].0;
+            let message = problems
+                .iter()
+                .map(|(_, m)| m.as_str())
+                .collect::<Vec<_>>()
+                .join("; ");
+            (reason, message)
+        });
+        for (i, si) in instances.iter().enumerate() {
+            let own = per_instance.remove(&si.name_any());
+            // A service-wide problem is announced once per service (on its first instance),
+            // an instance's own problem on that instance.
+            let announce = own.is_some() || i == 0;
+            self.report(si, own.as_ref().or(service_problem.as_ref()), announce)
+                .await?;
         }
         Ok(())
+    }
+
+    fn was_deleted(&self, svc: &Service) -> bool {
+        let deleted = self
+            .deleted_services
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        svc.uid().is_some_and(|uid| deleted.contains(&uid))
     }
 
     async fn apply_service(
@@ -450,39 +576,50 @@ impl Projector {
                 ..ServicePort::default()
             })
             .collect();
-        let headless = self.options.headless;
-        if let Some(stored) = stored
-            && has_labels(stored.labels(), &[(MANAGED_BY_LABEL, MANAGED_BY)])
-            && let Some(spec) = &stored.spec
-            && spec.selector.is_none()
-            && same_ports(spec.ports.as_deref().unwrap_or_default(), &ports)
-            && (spec.cluster_ip.as_deref() == Some("None")) == headless
-        {
-            return Ok(stored.clone());
-        }
-        let desired = Service {
-            metadata: ObjectMeta {
-                name: Some(service.into()),
-                namespace: Some(ns.into()),
-                labels: Some(BTreeMap::from([(
-                    MANAGED_BY_LABEL.into(),
-                    MANAGED_BY.into(),
-                )])),
-                ..ObjectMeta::default()
-            },
-            spec: Some(ServiceSpec {
-                type_: Some("ClusterIP".into()),
-                cluster_ip: headless.then(|| "None".into()),
-                ports: Some(ports),
-                ..ServiceSpec::default()
-            }),
-            status: None,
-        };
         let api: Api<Service> = Api::namespaced(self.client.clone(), ns);
-        let applied = api
-            .patch(service, &apply_params(), &Patch::Apply(&desired))
-            .await
-            .map_err(Error::kube(format!("apply Service {ns}/{service}")))?;
+        let applied = match stored {
+            Some(stored) => {
+                if has_labels(stored.labels(), &[(MANAGED_BY_LABEL, MANAGED_BY)])
+                    && let Some(spec) = &stored.spec
+                    && spec.selector.as_ref().is_none_or(BTreeMap::is_empty)
+                    && same_ports(spec.ports.as_deref().unwrap_or_default(), &ports)
+                {
+                    return Ok(stored.clone());
+                }
+                // Ours, or adopted: a merge patch, which replaces the port list and drops a
+                // selector whoever set them (an apply would leave other managers' fields).
+                let patch = json!({
+                    "metadata": {"labels": {MANAGED_BY_LABEL: MANAGED_BY}},
+                    "spec": {"selector": null, "ports": ports},
+                });
+                api.patch(service, &PatchParams::default(), &Patch::Merge(&patch))
+                    .await
+                    .map_err(Error::kube(format!("update Service {ns}/{service}")))?
+            }
+            None => {
+                let desired = Service {
+                    metadata: ObjectMeta {
+                        name: Some(service.into()),
+                        namespace: Some(ns.into()),
+                        labels: Some(BTreeMap::from([(
+                            MANAGED_BY_LABEL.into(),
+                            MANAGED_BY.into(),
+                        )])),
+                        ..ObjectMeta::default()
+                    },
+                    spec: Some(ServiceSpec {
+                        type_: Some("ClusterIP".into()),
+                        cluster_ip: self.options.headless.then(|| "None".into()),
+                        ports: Some(ports),
+                        ..ServiceSpec::default()
+                    }),
+                    status: None,
+                };
+                api.patch(service, &apply_params(), &Patch::Apply(&desired))
+                    .await
+                    .map_err(Error::kube(format!("create Service {ns}/{service}")))?
+            }
+        };
         self.metrics.projection_written("Service");
         Ok(applied)
     }
@@ -510,18 +647,34 @@ impl Projector {
         let api: Api<EndpointSlice> = Api::namespaced(self.client.clone(), ns);
         for slice in &desired {
             let object = slice_object(ns, service, slice, owner);
+            let json = serde_json::to_string(&object).map_err(|source| Error::Serialize {
+                what: "an EndpointSlice",
+                source,
+            })?;
             let current = stored
                 .iter()
                 .find(|s| s.metadata.name.as_deref() == Some(slice.name.as_str()));
-            if current.is_some_and(|c| same_slice(c, &object)) {
+            if self
+                .written
+                .unchanged("EndpointSlice", ns, &slice.name, &json)
+                || current.is_some_and(|c| same_slice(c, &object))
+            {
                 continue;
             }
-            api.patch(&slice.name, &apply_params(), &Patch::Apply(&object))
+            let applied = api
+                .patch(&slice.name, &apply_params(), &Patch::Apply(&object))
                 .await
                 .map_err(Error::kube(format!(
                     "apply EndpointSlice {ns}/{}",
                     slice.name
                 )))?;
+            self.written.record(
+                "EndpointSlice",
+                ns,
+                &slice.name,
+                applied.resource_version(),
+                json,
+            );
             self.metrics.projection_written("EndpointSlice");
         }
         let keep: BTreeSet<&str> = desired.iter().map(|s| s.name.as_str()).collect();
@@ -530,29 +683,53 @@ impl Projector {
             .filter(|s| !keep.contains(s.name_any().as_str()))
         {
             delete(&api, &orphan.name_any()).await?;
+            self.written
+                .record("EndpointSlice", ns, &orphan.name_any(), None, String::new());
             self.metrics.projection_written("EndpointSlice");
         }
         Ok(())
     }
 
+    /// Writes the ConfigMap if it differs; returns a problem instead if a ConfigMap of that
+    /// name exists that is not Roster's.
     async fn apply_config_map(
         &self,
         ns: &str,
         service: &str,
         json: String,
         owner: Option<OwnerReference>,
-    ) -> Result<()> {
+    ) -> Result<Option<Problem>> {
         let name = config_map_name(service);
+        let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), ns);
         let stored = self
             .caches
             .config_maps
             .get(&reflector::ObjectRef::new(&name).within(ns));
+        let owners: Vec<OwnerReference> = owner.clone().into_iter().collect();
         if let Some(stored) = &stored
             && stored.data.as_ref().and_then(|d| d.get(CONFIG_KEY)) == Some(&json)
-            && stored.metadata.owner_references.clone().unwrap_or_default()
-                == owner.clone().into_iter().collect::<Vec<_>>()
+            && stored.metadata.owner_references.clone().unwrap_or_default() == owners
         {
-            return Ok(());
+            return Ok(None);
+        }
+        let fingerprint = format!("{json}{owners:?}");
+        if self.written.unchanged("ConfigMap", ns, &name, &fingerprint) {
+            return Ok(None);
+        }
+        // Not in our (label-selected) cache: make sure it is not someone else's before applying.
+        if stored.is_none()
+            && let Some(theirs) = api
+                .get_opt(&name)
+                .await
+                .map_err(Error::kube(format!("read ConfigMap {ns}/{name}")))?
+            && !has_labels(theirs.labels(), &[(MANAGED_BY_LABEL, MANAGED_BY)])
+        {
+            return Ok(Some((
+                "ConfigMapConflict",
+                format!(
+                    "ConfigMap {name:?} exists and is not managed by Roster; it is left untouched"
+                ),
+            )));
         }
         let desired = ConfigMap {
             metadata: ObjectMeta {
@@ -568,12 +745,19 @@ impl Projector {
             data: Some(BTreeMap::from([(CONFIG_KEY.into(), json)])),
             ..ConfigMap::default()
         };
-        let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), ns);
-        api.patch(&name, &apply_params(), &Patch::Apply(&desired))
+        let applied = api
+            .patch(&name, &apply_params(), &Patch::Apply(&desired))
             .await
             .map_err(Error::kube(format!("apply ConfigMap {ns}/{name}")))?;
+        self.written.record(
+            "ConfigMap",
+            ns,
+            &name,
+            applied.resource_version(),
+            fingerprint,
+        );
         self.metrics.projection_written("ConfigMap");
-        Ok(())
+        Ok(None)
     }
 
     /// The last instance of a service went: its Service, slices and ConfigMap go too.
@@ -585,6 +769,8 @@ impl Projector {
                 && s.labels().get(SERVICE_NAME_LABEL).map(String::as_str) == Some(service)
         }) {
             delete(&slices, &slice.name_any()).await?;
+            self.written
+                .record("EndpointSlice", ns, &slice.name_any(), None, String::new());
         }
         let name = config_map_name(service);
         if self
@@ -598,13 +784,21 @@ impl Projector {
                 &name,
             )
             .await?;
+            self.written
+                .record("ConfigMap", ns, &name, None, String::new());
         }
-        if our_service.is_some() {
+        if let Some(svc) = our_service {
             delete(
                 &Api::<Service>::namespaced(self.client.clone(), ns),
                 service,
             )
             .await?;
+            if let Some(uid) = svc.uid() {
+                self.deleted_services
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .insert(uid);
+            }
         }
         Ok(())
     }
@@ -625,8 +819,13 @@ impl Projector {
     }
 
     /// Sets (or clears) the `Projected` condition of an instance: written only when it
-    /// changes, with an Event when a problem appears.
-    async fn report(&self, si: &ServiceInstance, problem: Option<&(&str, String)>) -> Result<()> {
+    /// changes, with an Event (if `announce`) when a problem appears.
+    async fn report(
+        &self,
+        si: &ServiceInstance,
+        problem: Option<&Problem>,
+        announce: bool,
+    ) -> Result<()> {
         let current = si
             .status
             .as_ref()
@@ -660,7 +859,9 @@ impl Projector {
             .map_err(Error::kube(format!(
                 "set the Projected condition of {ns}/{name}"
             )))?;
-        if let Some((reason, message)) = problem {
+        if let Some((reason, message)) = problem
+            && announce
+        {
             let event = Event {
                 type_: EventType::Warning,
                 reason: (*reason).into(),

@@ -461,3 +461,16 @@ pub async fn await_event(
         Err(_) => panic!("no {reason} Event for {ns}/{name} within {timeout:?}"),
     }
 }
+
+/// Tests that assert timings (TTL + 1 s) share the machine with each other, but not with tests
+/// that load the apiserver with hundreds of objects: on 2 cores those would turn a watch lag
+/// into a failed timing. Timing tests hold `timing()`, heavy tests `heavy()`.
+static LOAD: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
+pub async fn timing() -> tokio::sync::RwLockReadGuard<'static, ()> {
+    LOAD.read().await
+}
+
+pub async fn heavy() -> tokio::sync::RwLockWriteGuard<'static, ()> {
+    LOAD.write().await
+}

@@ -119,6 +119,7 @@ async fn reasons(client: &Client, ns: &str, name: &str) -> Vec<String> {
 
 #[tokio::test]
 async fn annotation_heartbeats_keep_an_instance_ready_then_silence_expires_it() {
+    let _timing = harness::timing().await;
     let client = harness::client().await;
     let ns = TestNamespace::new(&client, "annotation").await;
     let api: Api<ServiceInstance> = Api::namespaced(client.clone(), &ns.name);
@@ -143,6 +144,8 @@ async fn annotation_heartbeats_keep_an_instance_ready_then_silence_expires_it() 
     );
 
     // Steady heartbeats for 2.5 TTLs: always Ready, and not one status write.
+    // Pending and Ready were written (counted just after the apiserver answered).
+    await_metric(&addr, "roster_status_writes_total", 2.0).await;
     let writes = metric(&addr, "roster_status_writes_total").await;
     let beats = metric(&addr, "roster_heartbeats_observed_total").await;
     let last = keep_alive(&api, "a", Duration::from_millis(500), 10).await;
@@ -263,6 +266,7 @@ async fn a_heartbeat_brings_an_instance_back_and_persistent_instances_stay() {
 
 #[tokio::test]
 async fn lease_renewals_keep_an_instance_ready() {
+    let _timing = harness::timing().await;
     let client = harness::client().await;
     let ns = TestNamespace::new(&client, "lease").await;
     let api: Api<ServiceInstance> = Api::namespaced(client.clone(), &ns.name);
@@ -353,6 +357,7 @@ async fn draining_and_malformed_heartbeats() {
 
 #[tokio::test]
 async fn a_controller_restart_deletes_nothing_early() {
+    let _timing = harness::timing().await;
     let client = harness::client().await;
     let ns = TestNamespace::new(&client, "restart").await;
     let api: Api<ServiceInstance> = Api::namespaced(client.clone(), &ns.name);

@@ -26,6 +26,8 @@ const TIMEOUT: Duration = Duration::from_secs(30);
 fn instance(service: &str, name: &str, address: &str) -> ServiceInstance {
     let mut spec =
         ServiceInstanceSpec::new(service, address, vec![InstancePort::tcp("http", 8080)]);
+    // One heartbeat keeps it Ready for the whole test, however long a loaded machine takes.
+    spec.ttl_seconds = 3600;
     spec.delete_after_seconds = Some(0);
     let mut si = ServiceInstance::new(name, spec);
     // Registered with a heartbeat: Ready at once.
@@ -241,6 +243,7 @@ async fn instances_are_projected_into_service_slices_and_config_map() {
 
 #[tokio::test]
 async fn two_hundred_fifty_instances_make_three_slices_and_one_change_writes_one() {
+    let _heavy = harness::heavy().await;
     let client = harness::client().await;
     let ns = TestNamespace::new(&client, "slices").await;
     let api: Api<ServiceInstance> = Api::namespaced(client.clone(), &ns.name);
@@ -276,6 +279,25 @@ async fn two_hundred_fifty_instances_make_three_slices_and_one_change_writes_one
     sizes.sort();
     assert_eq!(sizes, vec![50, 100, 100]);
 
+    // The ConfigMap is written after the slices in the same projection: once it shows all
+    // 250, every slice write of that projection has been counted.
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns.name);
+    let all_ready = |cm: Option<&ConfigMap>| {
+        cm.is_some_and(|cm| {
+            let view = config_json(cm);
+            let instances = view["instances"].as_array().cloned().unwrap_or_default();
+            instances.len() == 250 && instances.iter().all(|i| i["ready"] == true)
+        })
+    };
+    wait_for(
+        &cms,
+        "big-roster",
+        "250 ready in the ConfigMap",
+        TIMEOUT,
+        all_ready,
+    )
+    .await;
+
     // One instance starts draining: exactly one slice is rewritten.
     let writes = slice_writes(&addr).await;
     let versions: BTreeMap<String, String> = slices
@@ -307,6 +329,20 @@ async fn two_hundred_fifty_instances_make_three_slices_and_one_change_writes_one
         .filter_map(|s| s.metadata.name.clone())
         .collect();
     assert_eq!(changed.len(), 1, "slices rewritten: {changed:?}");
+    // And the projector wrote one slice for it: counted by the time the ConfigMap shows it.
+    wait_for(
+        &cms,
+        "big-roster",
+        "i123 draining in the ConfigMap",
+        TIMEOUT,
+        |cm: Option<&ConfigMap>| {
+            cm.is_some_and(|cm| {
+                let view = config_json(cm);
+                view["instances"][123]["name"] == "i123" && view["instances"][123]["ready"] == false
+            })
+        },
+    )
+    .await;
     assert_eq!(slice_writes(&addr).await, writes + 1.0);
 }
 
@@ -388,13 +424,23 @@ async fn a_users_service_is_left_alone_and_the_conflict_is_reported() {
 
     // Opting in hands it over; the condition clears.
     services
-        .patch("payments", &PatchParams::default(), &Patch::Merge(&json!({"metadata": {"annotations": {"roster.dev/adopt": "true"}}, "spec": {"selector": null}})))
+        .patch(
+            "payments",
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"metadata": {"annotations": {"roster.dev/adopt": "true"}}})),
+        )
         .await
         .expect("opt in");
     await_slices(&client, &ns.name, "payments", "p1 projected", |s| {
         endpoint(s, "p1") == Some((true, true, false))
     })
     .await;
+    let adopted = services.get("payments").await.expect("get");
+    let selector = adopted.spec.and_then(|s| s.selector).unwrap_or_default();
+    assert!(
+        selector.is_empty(),
+        "the adopted Service kept its selector: {selector:?}"
+    );
     wait_for(
         &api,
         "p1",
@@ -427,30 +473,62 @@ async fn kube_controller_managers_slice_controllers_do_not_fight_roster() {
     })
     .await;
     assert_eq!(slices.len(), 1);
-    // The endpointslice and endpointslicemirroring controllers run beside Roster. For five
-    // seconds, nobody touches Roster's slice or adds one of their own for the service.
+    let ours = slices[0].metadata.name.clone().unwrap_or_default();
+    let version = slices[0].metadata.resource_version.clone();
+
+    // Give kube-controller-manager's mirroring controller work on Roster's selectorless Service:
+    // an Endpoints object of the same name, which it mirrors into a slice of its own.
+    let endpoints: k8s_openapi::api::core::v1::Endpoints = serde_json::from_value(json!({
+        "metadata": {"name": "calm"},
+        "subsets": [{"addresses": [{"ip": "10.4.9.9"}], "ports": [{"name": "http", "port": 8080}]}],
+    }))
+    .expect("endpoints");
+    Api::<k8s_openapi::api::core::v1::Endpoints>::namespaced(client.clone(), &ns.name)
+        .create(&PostParams::default(), &endpoints)
+        .await
+        .expect("create Endpoints");
+    let mirrored = |s: &EndpointSlice| {
+        s.metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get("endpointslice.kubernetes.io/managed-by"))
+            .is_some_and(|m| m.starts_with("endpointslicemirroring"))
+    };
+    await_slices(&client, &ns.name, "calm", "the mirrored slice", |s| {
+        s.iter().any(mirrored)
+    })
+    .await;
+
+    // For five seconds, nobody touches Roster's slice, and Roster leaves the mirrored one be.
     let watch = watcher(
         Api::<EndpointSlice>::namespaced(client.clone(), &ns.name),
         watcher::Config::default().labels("kubernetes.io/service-name=calm"),
-    )
-    .applied_objects();
-    let version = slices[0].metadata.resource_version.clone();
+    );
     let fight = async {
         let mut watch = std::pin::pin!(watch);
-        while let Some(Ok(slice)) = watch.next().await {
-            if slice.metadata.resource_version != version {
-                return slice;
+        while let Some(event) = watch.next().await {
+            match event {
+                Ok(watcher::Event::Apply(s) | watcher::Event::InitApply(s))
+                    if s.metadata.name.as_deref() == Some(ours.as_str())
+                        && s.metadata.resource_version != version =>
+                {
+                    return format!("Roster's slice was rewritten: {s:#?}");
+                }
+                Ok(watcher::Event::Delete(s)) => return format!("a slice was deleted: {s:#?}"),
+                Ok(_) => {}
+                Err(e) => return format!("the watch failed: {e}"),
             }
         }
-        futures::future::pending().await
+        "the watch ended".to_string()
     };
-    if let Ok(slice) = tokio::time::timeout(Duration::from_secs(5), fight).await {
-        panic!("another writer touched the service's slices: {slice:#?}");
+    if let Ok(problem) = tokio::time::timeout(Duration::from_secs(5), fight).await {
+        panic!("{problem}");
     }
 }
 
 #[tokio::test]
 async fn a_service_too_big_for_a_config_map_says_so_and_keeps_its_slices() {
+    let _heavy = harness::heavy().await;
     let client = harness::client().await;
     let ns = TestNamespace::new(&client, "toobig").await;
     let api: Api<ServiceInstance> = Api::namespaced(client.clone(), &ns.name);

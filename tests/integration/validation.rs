@@ -78,12 +78,12 @@ async fn invalid_instances_are_refused_with_clear_messages() {
         (
             "addr-bad",
             with("address", json!("not an address!")),
-            r#"spec.address: Invalid value: "not an address!": address must be an IPv4 address, an IPv6 address or a fully qualified domain name"#,
+            r#"spec.address: Invalid value: "not an address!": address must be a routable IPv4 or IPv6 address"#,
         ),
         (
             "addr-ip",
             with("address", json!("300.1.1.1")),
-            "address must be an IPv4 address, an IPv6 address or a fully qualified domain name",
+            "address must be a routable IPv4 or IPv6 address",
         ),
         (
             "no-ports",
