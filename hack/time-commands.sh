@@ -2,12 +2,14 @@
 # Times the README's two commands on a fresh clone, cold (every cache empty: cargo registry,
 # cargo target dir, Go module and build caches, control plane binaries) and then warm.
 #
-#   hack/time-commands.sh [WORKDIR]     (default: a new temporary directory; kept for inspection)
+#   hack/time-commands.sh [WORKDIR] [all|run|check]
 #
-# Prints one line per measurement. Takes 25+ minutes cold on 2 cores.
+# WORKDIR defaults to a new temporary directory, kept for inspection. Prints one line per
+# measurement. Takes 30+ minutes for both commands on 2 cores.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 work=${1:-$(mktemp -d "${TMPDIR:-/tmp}/roster-timing.XXXXXX")}
+mode=${2:-all}
 mkdir -p "$work"
 
 now() { date +%s.%N; }
@@ -49,11 +51,16 @@ time_check() { # $1 = env dir, $2 = label
   echo "test command ($2): $(elapsed "$start") s"
 }
 
-run_env=$(fresh run)
-time_run "$run_env" cold
-time_run "$run_env" warm
-check_env=$(fresh check)
-time_check "$check_env" cold
-time_check "$check_env" warm
-echo "disk: $(du -sh "$check_env/cache" | cut -f1) control plane cache (binaries + Go caches), $(du -sh "$check_env/target" | cut -f1) cargo target, $(du -sh "$check_env/cargo-home" | cut -f1) cargo registry"
+echo "commit $(git -C "$repo" rev-parse --short HEAD), $(nproc) cores"
+if [ "$mode" != check ]; then
+  run_env=$(fresh run)
+  time_run "$run_env" cold
+  time_run "$run_env" warm
+fi
+if [ "$mode" != run ]; then
+  check_env=$(fresh check)
+  time_check "$check_env" cold
+  time_check "$check_env" warm
+  echo "disk: $(du -sh "$check_env/cache/bin" | cut -f1) control plane binaries, $(du -sh "$check_env/cache/go" | cut -f1) Go module and build caches, $(du -sh "$check_env/target" | cut -f1) cargo target, $(du -sh "$check_env/cargo-home" | cut -f1) cargo registry"
+fi
 echo "logs and caches kept in $work"
