@@ -50,8 +50,8 @@ pub struct ServiceInstanceSpec {
     /// Where the instance is reached: an IPv4 or IPv6 address, or a fully qualified domain name.
     #[schemars(length(min = 1, max = 253))]
     #[schemars(extend("x-kubernetes-validations" = [{
-        "rule": "isIP(self) ? (ip(self).isGlobalUnicast() && !ip(self).isLoopback()) : self.matches('^([a-z0-9]([-a-z0-9]*[a-z0-9])?\\\\.)+[a-z]([-a-z0-9]*[a-z0-9])?\\\\.?$')",
-        "message": "address must be a routable IPv4 or IPv6 address (not loopback, link-local, multicast or unspecified) or a lowercase fully qualified domain name with at least two labels"
+        "rule": "isIP(self) ? (ip(self).isGlobalUnicast() || ip(self).isLoopback()) : self.matches('^([a-z0-9]([-a-z0-9]*[a-z0-9])?\\\\.)+[a-z]([-a-z0-9]*[a-z0-9])?\\\\.?$')",
+        "message": "address must be an IPv4 or IPv6 address that is not link-local, multicast or unspecified, or a lowercase fully qualified domain name with at least two labels"
     }]))]
     pub address: String,
 
@@ -112,6 +112,136 @@ pub struct ServiceInstanceSpec {
     /// Take the instance out of rotation without deregistering it: in-flight work drains.
     #[serde(default)]
     pub draining: bool,
+
+    /// An active check the controller runs against the instance, like a readiness probe: the
+    /// instance is ready only while its heartbeat is fresh and the check passes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<HealthCheck>,
+}
+
+/// An active health check: exactly one of `http`, `tcp` or `grpc`, with Kubernetes' probe
+/// timing fields and defaults.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, Hash, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "[has(self.http), has(self.tcp), has(self.grpc)].filter(x, x).size() == 1",
+    "message": "healthCheck needs exactly one of http, tcp or grpc"
+}]))]
+pub struct HealthCheck {
+    /// An HTTP GET; any status in the accepted range passes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpCheck>,
+    /// A TCP connect.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp: Option<TcpCheck>,
+    /// The standard gRPC health protocol (grpc.health.v1.Health/Check).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grpc: Option<GrpcCheck>,
+    /// How often to check, in seconds (default 10).
+    #[serde(default = "default_period")]
+    #[schemars(range(min = 1, max = 3600))]
+    pub period_seconds: i32,
+    /// How long one check may take, in seconds (default 1).
+    #[serde(default = "default_one")]
+    #[schemars(range(min = 1, max = 600))]
+    pub timeout_seconds: i32,
+    /// Consecutive successes to pass after failing (default 1).
+    #[serde(default = "default_one")]
+    #[schemars(range(min = 1, max = 100))]
+    pub success_threshold: i32,
+    /// Consecutive failures to fail after passing (default 3).
+    #[serde(default = "default_failure_threshold")]
+    #[schemars(range(min = 1, max = 100))]
+    pub failure_threshold: i32,
+}
+
+/// A port by name (from `spec.ports`) or by number.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, Hash)]
+#[serde(untagged)]
+pub enum PortRef {
+    Number(i32),
+    Name(String),
+}
+
+impl JsonSchema for PortRef {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "PortRef".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "x-kubernetes-int-or-string": true,
+            "description": "A port name from spec.ports, or a port number."
+        })
+    }
+}
+
+/// An HTTP GET check.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, Hash, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpCheck {
+    /// Path to request (default `/`).
+    #[serde(default = "default_path")]
+    #[schemars(length(min = 1, max = 2048))]
+    pub path: String,
+    pub port: PortRef,
+    /// HTTP (default) or HTTPS; as with Kubernetes probes, certificates are not verified.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("enum" = ["HTTP", "HTTPS"]))]
+    pub scheme: Option<String>,
+    /// Extra request headers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub headers: Vec<HttpHeader>,
+    /// Lowest passing status (default 200).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 100, max = 599))]
+    pub min_status: Option<u16>,
+    /// Highest passing status (default 399).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 100, max = 599))]
+    pub max_status: Option<u16>,
+}
+
+/// A request header.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, Hash, JsonSchema)]
+pub struct HttpHeader {
+    #[schemars(length(min = 1, max = 256))]
+    pub name: String,
+    #[schemars(length(max = 4096))]
+    pub value: String,
+}
+
+/// A TCP connect check.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, Hash, JsonSchema)]
+pub struct TcpCheck {
+    pub port: PortRef,
+}
+
+/// A gRPC health check.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, Hash, JsonSchema)]
+pub struct GrpcCheck {
+    pub port: PortRef,
+    /// The service name to ask about; empty asks about the server as a whole.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 256))]
+    pub service: Option<String>,
+}
+
+fn default_period() -> i32 {
+    10
+}
+
+fn default_one() -> i32 {
+    1
+}
+
+fn default_failure_threshold() -> i32 {
+    3
+}
+
+fn default_path() -> String {
+    "/".into()
 }
 
 fn default_weight() -> i32 {
@@ -136,6 +266,7 @@ impl ServiceInstanceSpec {
             delete_after_seconds: None,
             lease_name: None,
             draining: false,
+            health_check: None,
         }
     }
 

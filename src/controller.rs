@@ -34,6 +34,7 @@ use crate::{
     liveness::{self, Liveness, Observations, Sight, Signals, Tick, Timing},
     metrics::Metrics,
     names::{FIELD_MANAGER, HEARTBEAT_ANNOTATION, REPORTER},
+    probe, prober,
     projection::Member,
     projector,
     server::{self, Health},
@@ -64,6 +65,9 @@ pub struct Settings {
     /// Project into headless Services (`clusterIP: None`) instead of ClusterIP Services.
     #[arg(long)]
     pub headless_services: bool,
+    /// Maximum number of health checks running at the same time.
+    #[arg(long, default_value_t = 64)]
+    pub probe_concurrency: usize,
 }
 
 /// The longest a graceful shutdown waits for in-flight work.
@@ -98,6 +102,7 @@ struct Views {
     written: Mutex<HashMap<String, ServiceInstanceStatus>>,
     /// Where instance changes that matter to the projection are sent.
     projection: projector::Trigger,
+    prober: prober::Prober,
     membership: projector::Membership,
 }
 
@@ -192,10 +197,12 @@ impl Views {
             watcher::Event::InitApply(si) | watcher::Event::Apply(si) => {
                 self.index(si, true);
                 self.project(si, true);
+                self.prober.watch(si);
             }
             watcher::Event::Delete(si) => {
                 self.index(si, false);
                 self.project(si, false);
+                self.prober.forget(si);
                 if let Some(ns) = si.namespace() {
                     self.observations
                         .lock()
@@ -339,6 +346,8 @@ pub async fn run(settings: &Settings, shutdown: CancellationToken) -> Result<()>
     let serve = tokio::spawn(serve);
 
     let (projection, projection_keys) = projector::trigger();
+    // Verdict changes of health checks reconcile their instance.
+    let (probe_tx, probe_rx) = futures::channel::mpsc::unbounded();
     let views = Arc::new(Views {
         origin: tokio::time::Instant::now(),
         relisted_at: AtomicU64::new(0),
@@ -350,6 +359,12 @@ pub async fn run(settings: &Settings, shutdown: CancellationToken) -> Result<()>
         written: Mutex::default(),
         projection: projection.clone(),
         membership: projector::Membership::default(),
+        prober: prober::spawn(
+            settings.probe_concurrency,
+            probe_tx,
+            metrics.clone(),
+            shutdown.clone(),
+        ),
     });
     let written = Arc::new(projector::Written::default());
     let (services, slices, config_maps, synced) = projector::watch_children(
@@ -427,6 +442,7 @@ pub async fn run(settings: &Settings, shutdown: CancellationToken) -> Result<()>
     let mapper_views = views.clone();
     let controller = Controller::for_stream(events, reader)
         .reconcile_all_on(relist_rx)
+        .reconcile_on(probe_rx)
         .watches_stream(lease_events, move |lease: Lease| {
             mapper_views.instances_for(&lease)
         })
@@ -516,11 +532,12 @@ async fn reconcile(si: Arc<ServiceInstance>, ctx: Arc<Context>) -> Result<Action
         None => None,
     };
     let annotation = si.annotations().get(HEARTBEAT_ANNOTATION).cloned();
-    let problems = SignalProblems {
+    let mut problems = SignalProblems {
         lease_missing: matches!(lease, Some(None)),
         annotation_not_timestamp: annotation
             .as_deref()
             .is_some_and(|v| v.parse::<jiff::Timestamp>().is_err()),
+        health_check: None,
     };
     let signals = Signals {
         annotation,
@@ -558,6 +575,15 @@ async fn reconcile(si: Arc<ServiceInstance>, ctx: Arc<Context>) -> Result<Action
         .cloned()
         .unwrap_or_else(|| status::liveness_view(si.status.as_ref()));
     let judgement = liveness::judge(timing, observed, status::prior(Some(&baseline)), now);
+    // The health check's verdict; before this controller has one, the written one stands.
+    problems.health_check =
+        si.spec
+            .health_check
+            .as_ref()
+            .map(|_| match views.prober.verdicts.get(&uid) {
+                probe::Verdict::Unknown => status::health_check_prior(Some(&baseline)),
+                verdict => verdict,
+            });
     if matches!(judgement.liveness, Liveness::Silent | Liveness::Expired)
         && views.any_watch_broken()
     {

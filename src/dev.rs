@@ -75,6 +75,7 @@ pub async fn run(args: DevArgs, shutdown: CancellationToken) -> Result<()> {
         concurrency: 16,
         projection_window_ms: 100,
         headless_services: false,
+        probe_concurrency: 64,
     };
     let controller_shutdown = shutdown.clone();
     let mut controller =

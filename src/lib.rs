@@ -12,6 +12,8 @@ pub mod error;
 pub mod liveness;
 pub mod metrics;
 pub mod names;
+pub mod probe;
+pub mod prober;
 pub mod projection;
 pub mod projector;
 pub mod server;

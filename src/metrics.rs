@@ -31,6 +31,12 @@ pub struct Metrics {
     expirations: Counter,
     projection_writes: Family<KindLabels, Counter>,
     config_maps_too_large: prometheus_client::metrics::gauge::Gauge,
+    probes: Family<ResultLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -98,8 +104,15 @@ impl Default for Metrics {
             "Services whose JSON view exceeds the ConfigMap size limit (their ConfigMap is not updated)",
             config_maps_too_large.clone(),
         );
+        let probes = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "health_checks",
+            "Health checks run, by result",
+            probes.clone(),
+        );
         Metrics {
             registry,
+            probes,
             projection_writes,
             config_maps_too_large,
             reconciles,
@@ -162,6 +175,11 @@ impl Metrics {
     pub fn set_config_maps_too_large(&self, services: usize) {
         self.config_maps_too_large
             .set(i64::try_from(services).unwrap_or(i64::MAX));
+    }
+
+    pub fn probed(&self, passed: bool) {
+        let result = if passed { "pass" } else { "fail" };
+        self.probes.get_or_create(&ResultLabels { result }).inc();
     }
 
     /// The metrics in the Prometheus text exposition format.

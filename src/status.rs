@@ -11,12 +11,15 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use crate::{
     api::{Phase, ServiceInstance, ServiceInstanceStatus},
     liveness::{Liveness, Prior},
+    probe::Verdict,
 };
 
 /// Condition type: whether the instance should receive traffic.
 pub const READY: &str = "Ready";
 /// Condition type: whether heartbeats arrive within the TTL, and from where.
 pub const HEARTBEATING: &str = "Heartbeating";
+/// Condition type: the result of the instance's health check, if it declares one.
+pub const HEALTH_CHECK: &str = "HealthCheck";
 
 /// Problems with an instance's heartbeat signals, reported on the `Heartbeating` condition.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -25,6 +28,8 @@ pub struct SignalProblems {
     pub lease_missing: bool,
     /// The heartbeat annotation is present but not an RFC 3339 timestamp.
     pub annotation_not_timestamp: bool,
+    /// The verdict of the instance's health check, if it declares one.
+    pub health_check: Option<Verdict>,
 }
 
 /// What the written status says about liveness, for the next judgement.
@@ -37,12 +42,30 @@ pub fn prior(status: Option<&ServiceInstanceStatus>) -> Prior {
 }
 
 /// The phase an instance shows for a verdict.
-pub fn phase(liveness: Liveness, draining: bool) -> Phase {
-    match liveness {
-        Liveness::Pending => Phase::Pending,
-        Liveness::Alive if draining => Phase::Draining,
-        Liveness::Alive => Phase::Ready,
-        Liveness::Silent | Liveness::Expired => Phase::Unhealthy,
+/// A heartbeating instance with a health check is ready only while the check passes; before
+/// its first result it is still Pending.
+pub fn phase(liveness: Liveness, draining: bool, check: Option<&Verdict>) -> Phase {
+    match (liveness, check) {
+        (Liveness::Pending, _) => Phase::Pending,
+        (Liveness::Alive, Some(Verdict::Failing { .. })) => Phase::Unhealthy,
+        (Liveness::Alive, Some(Verdict::Unknown)) => Phase::Pending,
+        (Liveness::Alive, _) if draining => Phase::Draining,
+        (Liveness::Alive, _) => Phase::Ready,
+        (Liveness::Silent | Liveness::Expired, _) => Phase::Unhealthy,
+    }
+}
+
+/// What the written `HealthCheck` condition says, for a controller that has no result of its
+/// own yet (after a restart): the last verdict stands until the first new one.
+pub fn health_check_prior(status: Option<&ServiceInstanceStatus>) -> Verdict {
+    let condition = status.and_then(|s| s.conditions.iter().find(|c| c.type_ == HEALTH_CHECK));
+    match condition.map(|c| (c.status.as_str(), c)) {
+        Some(("True", _)) => Verdict::Passing,
+        Some(("False", c)) => Verdict::Failing {
+            reason: c.reason.clone(),
+            message: c.message.clone(),
+        },
+        _ => Verdict::Unknown,
     }
 }
 
@@ -62,24 +85,39 @@ pub fn desired(
         Some(d) => format!("deleted after {} s of silence", d.as_secs()),
         None => "never deleted (deleteAfterSeconds: 0)".to_string(),
     };
-    let phase = phase(liveness, spec.draining);
-    let (ready, ready_reason, ready_message) = match phase {
-        Phase::Pending => (
+    let check = problems.health_check.as_ref();
+    let phase = phase(liveness, spec.draining, check);
+    let (ready, ready_reason, ready_message) = match (phase, check) {
+        (Phase::Pending, Some(Verdict::Unknown)) if liveness == Liveness::Alive => (
+            "Unknown",
+            "AwaitingHealthCheck",
+            "Heartbeats arrive; waiting for the first health check".to_string(),
+        ),
+        (Phase::Unhealthy, Some(Verdict::Failing { reason, .. }))
+            if liveness == Liveness::Alive =>
+        {
+            (
+                "False",
+                "HealthCheckFailing",
+                format!("Heartbeats arrive, but the health check fails ({reason})"),
+            )
+        }
+        (Phase::Pending, _) => (
             "Unknown",
             "AwaitingHeartbeat",
             format!("Registered; no heartbeat observed yet (Unhealthy after {ttl} s without one)"),
         ),
-        Phase::Ready => (
+        (Phase::Ready, _) => (
             "True",
             "Heartbeating",
             format!("Heartbeats observed within the {ttl} s TTL"),
         ),
-        Phase::Draining => (
+        (Phase::Draining, _) => (
             "False",
             "Draining",
             "spec.draining is set: no new traffic; in-flight work drains".to_string(),
         ),
-        Phase::Unhealthy => (
+        (Phase::Unhealthy, _) => (
             "False",
             "HeartbeatSilent",
             format!("No heartbeat observed for {ttl} s (ttlSeconds); {deletion}"),
@@ -140,10 +178,40 @@ pub fn desired(
         &current,
         condition(READY, ready, ready_reason, ready_message),
     );
-    let conditions = set_condition(
+    let mut conditions = set_condition(
         &conditions,
         condition(HEARTBEATING, hb, hb_reason, hb_message),
     );
+    if let Some(verdict) = check {
+        let kind = match spec
+            .health_check
+            .as_ref()
+            .map(|c| (c.http.is_some(), c.tcp.is_some()))
+        {
+            Some((true, _)) => "HTTP",
+            Some((_, true)) => "TCP",
+            _ => "gRPC",
+        };
+        let (status, reason, message) = match verdict {
+            Verdict::Passing => (
+                "True",
+                "Passing".to_string(),
+                format!("The {kind} health check passes"),
+            ),
+            Verdict::Failing { reason, message } => ("False", reason.clone(), message.clone()),
+            Verdict::Unknown => (
+                "Unknown",
+                "AwaitingFirstCheck".to_string(),
+                format!("The {kind} health check has not completed yet"),
+            ),
+        };
+        conditions = set_condition(
+            &conditions,
+            condition(HEALTH_CHECK, status, &reason, message),
+        );
+    } else {
+        conditions.retain(|c| c.type_ != HEALTH_CHECK);
+    }
     ServiceInstanceStatus {
         phase: Some(phase),
         observed_generation: generation,
@@ -164,7 +232,7 @@ pub fn liveness_view(status: Option<&ServiceInstanceStatus>) -> ServiceInstanceS
         conditions: status
             .conditions
             .iter()
-            .filter(|c| c.type_ == READY || c.type_ == HEARTBEATING)
+            .filter(|c| [READY, HEARTBEATING, HEALTH_CHECK].contains(&c.type_.as_str()))
             .cloned()
             .collect(),
     }

@@ -6,6 +6,7 @@
 mod harness;
 
 mod controller;
+mod health;
 mod liveness;
 mod projection;
 mod validation;

@@ -78,12 +78,27 @@ async fn invalid_instances_are_refused_with_clear_messages() {
         (
             "addr-bad",
             with("address", json!("not an address!")),
-            r#"spec.address: Invalid value: "not an address!": address must be a routable IPv4 or IPv6 address"#,
+            r#"spec.address: Invalid value: "not an address!": address must be an IPv4 or IPv6 address that is not link-local"#,
+        ),
+        (
+            "addr-link-local",
+            with("address", json!("fe80::1")),
+            "address must be an IPv4 or IPv6 address that is not link-local",
+        ),
+        (
+            "addr-unspecified",
+            with("address", json!("0.0.0.0")),
+            "address must be an IPv4 or IPv6 address that is not link-local",
+        ),
+        (
+            "addr-single-label",
+            with("address", json!("db")),
+            "address must be an IPv4 or IPv6 address that is not link-local",
         ),
         (
             "addr-ip",
             with("address", json!("300.1.1.1")),
-            "address must be a routable IPv4 or IPv6 address",
+            "address must be an IPv4 or IPv6 address that is not link-local",
         ),
         (
             "no-ports",
@@ -172,6 +187,8 @@ async fn invalid_instances_are_refused_with_clear_messages() {
         ("ipv4", valid()),
         ("ipv6", with("address", json!("fd00::1"))),
         ("fqdn", with("address", json!("db-1.example.internal"))),
+        // Loopback is accepted (local development, tests) but never put in an EndpointSlice.
+        ("loopback", with("address", json!("127.0.0.1"))),
         ("persistent", with("deleteAfterSeconds", json!(0))),
     ] {
         if let Some(status) = create(&api, name, spec).await {
