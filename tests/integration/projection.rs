@@ -96,6 +96,35 @@ async fn await_slices(
     }
 }
 
+/// Waits until the instance carries `Projected=False` with this reason.
+async fn await_projected(api: &Api<ServiceInstance>, name: &str, reason: &str) -> ServiceInstance {
+    let what = format!("the {reason} condition");
+    let reason = reason.to_string();
+    wait_for(
+        api,
+        name,
+        &what,
+        TIMEOUT,
+        move |si: Option<&ServiceInstance>| {
+            si.and_then(|si| si.status.as_ref()).is_some_and(|s| {
+                s.conditions
+                    .iter()
+                    .any(|c| c.type_ == "Projected" && c.reason == reason)
+            })
+        },
+    )
+    .await
+}
+
+/// How many endpoints across the slices are ready.
+fn ready_endpoints(slices: &[EndpointSlice]) -> usize {
+    slices
+        .iter()
+        .flat_map(|s| &s.endpoints)
+        .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) == Some(true))
+        .count()
+}
+
 fn config_json(cm: &ConfigMap) -> serde_json::Value {
     let text = cm
         .data
@@ -268,11 +297,7 @@ async fn two_hundred_fifty_instances_make_three_slices_and_one_change_writes_one
         .collect::<Vec<_>>()
         .await;
     let slices = await_slices(&client, &ns.name, "big", "250 ready endpoints", |s| {
-        s.iter()
-            .flat_map(|s| &s.endpoints)
-            .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) == Some(true))
-            .count()
-            == 250
+        ready_endpoints(s) == 250
     })
     .await;
     let mut sizes: Vec<usize> = slices.iter().map(|s| s.endpoints.len()).collect();
@@ -377,20 +402,7 @@ async fn a_users_service_is_left_alone_and_the_conflict_is_reported() {
     )
     .await
     .expect("create");
-    let si = wait_for(
-        &api,
-        "p1",
-        "the ServiceConflict condition",
-        TIMEOUT,
-        |si: Option<&ServiceInstance>| {
-            si.and_then(|si| si.status.as_ref()).is_some_and(|s| {
-                s.conditions
-                    .iter()
-                    .any(|c| c.type_ == "Projected" && c.reason == "ServiceConflict")
-            })
-        },
-    )
-    .await;
+    let si = await_projected(&api, "p1", "ServiceConflict").await;
     // The liveness conditions are intact beside the projector's.
     assert_eq!(si.status.as_ref().and_then(|s| s.phase), Some(Phase::Ready));
     await_event(&client, &ns.name, "p1", "ServiceConflict", TIMEOUT).await;
@@ -556,28 +568,11 @@ async fn a_service_too_big_for_a_config_map_says_so_and_keeps_its_slices() {
 
     // The slices stay correct...
     await_slices(&client, &ns.name, "huge", "130 ready endpoints", |s| {
-        s.iter()
-            .flat_map(|s| &s.endpoints)
-            .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) == Some(true))
-            .count()
-            == 130
+        ready_endpoints(s) == 130
     })
     .await;
     // ...and the instances, an Event and a metric say why the ConfigMap is not written.
-    let si = wait_for(
-        &api,
-        "h000",
-        "the ConfigMapTooLarge condition",
-        TIMEOUT,
-        |si: Option<&ServiceInstance>| {
-            si.and_then(|si| si.status.as_ref()).is_some_and(|s| {
-                s.conditions
-                    .iter()
-                    .any(|c| c.type_ == "Projected" && c.reason == "ConfigMapTooLarge")
-            })
-        },
-    )
-    .await;
+    let si = await_projected(&api, "h000", "ConfigMapTooLarge").await;
     let message = si
         .status
         .iter()
