@@ -406,6 +406,9 @@ impl Projector {
                 batch.extend(self.known_keys());
             }
             for key in batch {
+                if shutdown.is_cancelled() {
+                    return;
+                }
                 let result = self.project(&key).await;
                 let mut failures = self.failures.lock().unwrap_or_else(PoisonError::into_inner);
                 match result {
