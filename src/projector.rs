@@ -975,6 +975,9 @@ fn slice_object(
             labels: Some(BTreeMap::from([
                 (SERVICE_NAME_LABEL.into(), service.into()),
                 (SLICE_MANAGED_BY_LABEL.into(), MANAGED_BY.into()),
+                // So `kubectl get svc,endpointslices,cm -l app.kubernetes.io/managed-by=roster.dev`
+                // lists everything Roster writes.
+                (MANAGED_BY_LABEL.into(), MANAGED_BY.into()),
             ])),
             owner_references: Some(vec![owner.clone()]),
             ..ObjectMeta::default()
