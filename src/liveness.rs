@@ -338,25 +338,35 @@ mod tests {
         }
     }
 
+    /// One look at instance `ns/name` carrying annotation value `value`.
+    fn look(
+        obs: &mut Observations,
+        name: &str,
+        uid: &str,
+        fresh: bool,
+        value: &str,
+        now: Tick,
+        floor: Tick,
+    ) -> (Observed, bool) {
+        let signals = Signals {
+            annotation: Some(value.into()),
+            lease: None,
+        };
+        let sight = Sight {
+            namespace: "ns",
+            name,
+            uid,
+            fresh,
+            signals,
+        };
+        obs.observe(sight, now, floor)
+    }
+
     #[test]
     fn observations_count_changes_only() {
         let mut obs = Observations::default();
-        let sig = |a: &str| Signals {
-            annotation: Some(a.into()),
-            lease: None,
-        };
         // An instance seen at controller start (it has a status): a baseline, not a heartbeat.
-        let (o, hb) = obs.observe(
-            Sight {
-                namespace: "ns",
-                name: "old",
-                uid: "u1",
-                fresh: false,
-                signals: sig("t0"),
-            },
-            s(10),
-            s(0),
-        );
+        let (o, hb) = look(&mut obs, "old", "u1", false, "t0", s(10), s(0));
         assert!(!hb);
         assert_eq!(
             o,
@@ -380,58 +390,18 @@ mod tests {
             )
             .1
         );
-        let (o, hb) = obs.observe(
-            Sight {
-                namespace: "ns",
-                name: "old",
-                uid: "u1",
-                fresh: false,
-                signals: sig("t1"),
-            },
-            s(12),
-            s(0),
-        );
+        let (o, hb) = look(&mut obs, "old", "u1", false, "t1", s(12), s(0));
         assert!(hb);
         assert_eq!(o.last_heartbeat, Some(s(12)));
         // A relist moves the start of the view.
-        let (o, _) = obs.observe(
-            Sight {
-                namespace: "ns",
-                name: "old",
-                uid: "u1",
-                fresh: false,
-                signals: sig("t1"),
-            },
-            s(20),
-            s(15),
-        );
+        let (o, _) = look(&mut obs, "old", "u1", false, "t1", s(20), s(15));
         assert_eq!(o.watching_since, s(15));
         // A brand-new instance registered with a heartbeat has heartbeated.
-        let (o, hb) = obs.observe(
-            Sight {
-                namespace: "ns",
-                name: "new",
-                uid: "u2",
-                fresh: true,
-                signals: sig("t0"),
-            },
-            s(30),
-            s(0),
-        );
+        let (o, hb) = look(&mut obs, "new", "u2", true, "t0", s(30), s(0));
         assert!(hb);
         assert_eq!(o.last_heartbeat, Some(s(30)));
         // Re-created under the same name (new uid): a new instance, not a continuation.
-        let (o, hb) = obs.observe(
-            Sight {
-                namespace: "ns",
-                name: "old",
-                uid: "u3",
-                fresh: false,
-                signals: sig("t1"),
-            },
-            s(40),
-            s(0),
-        );
+        let (o, hb) = look(&mut obs, "old", "u3", false, "t1", s(40), s(0));
         assert!(!hb);
         assert_eq!(
             o,

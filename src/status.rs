@@ -304,6 +304,17 @@ mod tests {
             .expect("condition present")
     }
 
+    /// The desired status of a heartbeating instance without problems.
+    fn alive(si: &ServiceInstance, now: Timestamp) -> ServiceInstanceStatus {
+        desired(
+            si,
+            si.status.as_ref(),
+            Liveness::Alive,
+            &SignalProblems::default(),
+            now,
+        )
+    }
+
     #[test]
     fn set_condition_table() {
         // (existing, new, expected transition second, expected reason)
@@ -408,25 +419,10 @@ mod tests {
     #[test]
     fn steady_state_computes_the_same_status() {
         let mut si = instance();
-        let first = desired(
-            &si,
-            si.status.as_ref(),
-            Liveness::Alive,
-            &SignalProblems::default(),
-            at(100),
-        );
+        let first = alive(&si, at(100));
         si.status = Some(first.clone());
         // Later reconciles of an unchanged, heartbeating instance compute the same status: no write.
-        assert_eq!(
-            desired(
-                &si,
-                si.status.as_ref(),
-                Liveness::Alive,
-                &SignalProblems::default(),
-                at(500)
-            ),
-            first
-        );
+        assert_eq!(alive(&si, at(500)), first);
         // A transition changes it, and moves the transition time.
         let silent = desired(
             &si,
@@ -439,28 +435,13 @@ mod tests {
         assert_eq!(condition(&silent, READY).last_transition_time.0, at(600));
         // A new generation is a change.
         si.metadata.generation = Some(4);
-        assert_ne!(
-            desired(
-                &si,
-                si.status.as_ref(),
-                Liveness::Alive,
-                &SignalProblems::default(),
-                at(700)
-            ),
-            first
-        );
+        assert_ne!(alive(&si, at(700)), first);
     }
 
     #[test]
     fn other_managers_conditions_are_not_ours() {
         let mut si = instance();
-        let mut status = desired(
-            &si,
-            si.status.as_ref(),
-            Liveness::Alive,
-            &SignalProblems::default(),
-            at(1),
-        );
+        let mut status = alive(&si, at(1));
         let ours = status.clone();
         status.conditions.push(Condition {
             type_: "Projected".into(),
@@ -469,16 +450,7 @@ mod tests {
         si.status = Some(status);
         // The projector's condition neither makes the liveness status differ nor gets copied.
         assert_eq!(liveness_view(si.status.as_ref()), ours);
-        assert_eq!(
-            desired(
-                &si,
-                si.status.as_ref(),
-                Liveness::Alive,
-                &SignalProblems::default(),
-                at(2)
-            ),
-            ours
-        );
+        assert_eq!(alive(&si, at(2)), ours);
     }
 
     #[test]
