@@ -376,20 +376,7 @@ mod tests {
             }
         );
         // The same value again: nothing. A new value: a heartbeat at the time it is observed.
-        assert!(
-            !obs.observe(
-                Sight {
-                    namespace: "ns",
-                    name: "old",
-                    uid: "u1",
-                    fresh: false,
-                    signals: sig("t0")
-                },
-                s(11),
-                s(0)
-            )
-            .1
-        );
+        assert!(!look(&mut obs, "old", "u1", false, "t0", s(11), s(0)).1);
         let (o, hb) = look(&mut obs, "old", "u1", false, "t1", s(12), s(0));
         assert!(hb);
         assert_eq!(o.last_heartbeat, Some(s(12)));
