@@ -215,10 +215,6 @@ impl Observations {
             .remove(&(namespace.to_string(), name.to_string()));
     }
 
-    pub fn len(&self) -> usize {
-        self.entries.len()
-    }
-
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }

@@ -201,56 +201,26 @@ impl Default for Clients {
             b.pool_max_idle_per_host(0);
             b
         };
+        // Fails only for a crypto provider without TLS 1.2 and 1.3, which ring is not: a
+        // static invariant, not input.
         let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
         .with_safe_default_protocol_versions()
-        .map(|b| {
-            b.dangerous()
-                .with_custom_certificate_verifier(Arc::new(NoVerification))
-                .with_no_client_auth()
-        });
-        let https_connector = match tls {
-            Ok(config) => hyper_rustls::HttpsConnectorBuilder::new()
-                .with_tls_config(config)
-                .https_only()
-                .enable_http1()
-                .build(),
-            // The ring provider always supports the default versions; fall back to plain
-            // connections (which then fail the HTTPS check clearly) rather than panic.
-            Err(_) => hyper_rustls::HttpsConnectorBuilder::new()
-                .with_tls_config(
-                    rustls::ClientConfig::builder_with_provider(Arc::new(
-                        rustls::crypto::ring::default_provider(),
-                    ))
-                    .with_protocol_versions(&[&rustls::version::TLS13])
-                    .map(|b| {
-                        b.dangerous()
-                            .with_custom_certificate_verifier(Arc::new(NoVerification))
-                            .with_no_client_auth()
-                    })
-                    .unwrap_or_else(|_| unreachable_tls()),
-                )
-                .https_only()
-                .enable_http1()
-                .build(),
-        };
+        .expect("ring supports TLS 1.2 and 1.3")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(NoVerification))
+        .with_no_client_auth();
+        let https_connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_only()
+            .enable_http1()
+            .build();
         Clients {
             http: builder().build_http(),
             https: builder().build(https_connector),
         }
     }
-}
-
-fn unreachable_tls() -> rustls::ClientConfig {
-    // Only reached if ring cannot do TLS 1.3 at all, which it always can.
-    rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .map(|b| {
-            b.with_root_certificates(rustls::RootCertStore::empty())
-                .with_no_client_auth()
-        })
-        .unwrap_or_else(|e| panic!("ring provides no TLS version: {e}"))
 }
 
 async fn check_http(

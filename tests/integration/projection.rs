@@ -96,6 +96,23 @@ async fn await_slices(
     }
 }
 
+/// Creates `n` instances made by `make`, 16 requests at a time.
+async fn create_many(
+    api: &Api<ServiceInstance>,
+    n: usize,
+    make: impl Fn(usize) -> ServiceInstance,
+) {
+    futures::stream::iter((0..n).map(make))
+        .map(|si| async move {
+            api.create(&PostParams::default(), &si)
+                .await
+                .expect("create")
+        })
+        .buffer_unordered(16)
+        .collect::<Vec<_>>()
+        .await;
+}
+
 /// Waits until the instance carries `Projected=False` with this reason.
 async fn await_projected(api: &Api<ServiceInstance>, name: &str, reason: &str) -> ServiceInstance {
     let what = format!("the {reason} condition");
@@ -279,23 +296,14 @@ async fn two_hundred_fifty_instances_make_three_slices_and_one_change_writes_one
     let controller = ControllerProcess::start(&harness::kubeconfig().await, &ns.name);
     let addr = controller.http_addr(TIMEOUT).await;
 
-    futures::stream::iter(0..250)
-        .map(|i| {
-            let api = api.clone();
-            async move {
-                let si = instance(
-                    "big",
-                    &format!("i{i:03}"),
-                    &format!("10.2.{}.{}", i / 200, i % 200 + 1),
-                );
-                api.create(&PostParams::default(), &si)
-                    .await
-                    .expect("create")
-            }
-        })
-        .buffer_unordered(16)
-        .collect::<Vec<_>>()
-        .await;
+    create_many(&api, 250, |i| {
+        instance(
+            "big",
+            &format!("i{i:03}"),
+            &format!("10.2.{}.{}", i / 200, i % 200 + 1),
+        )
+    })
+    .await;
     let slices = await_slices(&client, &ns.name, "big", "250 ready endpoints", |s| {
         ready_endpoints(s) == 250
     })
@@ -551,20 +559,12 @@ async fn a_service_too_big_for_a_config_map_says_so_and_keeps_its_slices() {
     let metadata: BTreeMap<String, String> = (0..32)
         .map(|i| (format!("k{i:02}"), "v".repeat(256)))
         .collect();
-    futures::stream::iter(0..130)
-        .map(|i| {
-            let (api, metadata) = (api.clone(), metadata.clone());
-            async move {
-                let mut si = instance("huge", &format!("h{i:03}"), &format!("10.5.0.{}", i + 1));
-                si.spec.metadata = metadata;
-                api.create(&PostParams::default(), &si)
-                    .await
-                    .expect("create")
-            }
-        })
-        .buffer_unordered(16)
-        .collect::<Vec<_>>()
-        .await;
+    create_many(&api, 130, |i| {
+        let mut si = instance("huge", &format!("h{i:03}"), &format!("10.5.0.{}", i + 1));
+        si.spec.metadata = metadata.clone();
+        si
+    })
+    .await;
 
     // The slices stay correct...
     await_slices(&client, &ns.name, "huge", "130 ready endpoints", |s| {
