@@ -12,7 +12,7 @@ use std::{
 };
 
 use futures::StreamExt;
-use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::{coordination::v1::Lease, core::v1::ObjectReference};
 use kube::{
     Api, Client, Config, Resource, ResourceExt,
     api::{DeleteParams, ListParams, Patch, PatchParams, Preconditions},
@@ -31,12 +31,14 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     Error, Result,
     api::{Phase, ServiceInstance, ServiceInstanceStatus},
+    leader::{self, TermEnd},
     liveness::{self, Liveness, Observations, Sight, Signals, Tick, Timing},
     metrics::Metrics,
     names::{FIELD_MANAGER, HEARTBEAT_ANNOTATION, REPORTER},
     probe, prober,
     projection::Member,
     projector,
+    protection::{self, ChangeKind, Protection, Release, Scope, Silence},
     server::{self, Health},
     status::{self, SignalProblems},
 };
@@ -68,6 +70,115 @@ pub struct Settings {
     /// Maximum number of health checks running at the same time.
     #[arg(long, default_value_t = 64)]
     pub probe_concurrency: usize,
+
+    /// Name of the Lease the replicas elect their leader with.
+    #[arg(
+        long,
+        default_value = "roster-controller",
+        env = "ROSTER_LEADER_ELECTION_LEASE"
+    )]
+    pub leader_election_lease: String,
+    /// Namespace of that Lease (default: POD_NAMESPACE, else --namespace, else "default").
+    #[arg(long, env = "ROSTER_LEADER_ELECTION_NAMESPACE")]
+    pub leader_election_namespace: Option<String>,
+    /// This replica's identity in the election (default: POD_NAME, else host name and pid).
+    #[arg(long, env = "ROSTER_LEADER_ELECTION_IDENTITY")]
+    pub leader_election_identity: Option<String>,
+    /// How long a leader's Lease holds without renewal (whole seconds, as the Lease API).
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    pub leader_election_lease_duration: Duration,
+    /// A leader that has not renewed for this long steps down.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub leader_election_renew_deadline: Duration,
+    /// How often the leader renews, and candidates retry.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub leader_election_retry_period: Duration,
+
+    /// Protection engages for a service when this share (0–1) of its instances falls silent
+    /// within one TTL.
+    #[arg(long, default_value_t = 0.5, value_parser = parse_share)]
+    pub protection_threshold: f64,
+    /// ... and for all instances together when this share of them does.
+    #[arg(long, default_value_t = 0.5, value_parser = parse_share)]
+    pub protection_global_threshold: f64,
+    /// Services with fewer instances are never protected.
+    #[arg(long, default_value_t = 5)]
+    pub protection_min_instances: usize,
+    /// Protection of all instances needs at least this many.
+    #[arg(long, default_value_t = 20)]
+    pub protection_global_min_instances: usize,
+    /// Protection releases after this long even without recovery.
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    pub protection_max_duration: Duration,
+}
+
+impl Settings {
+    /// The election's parameters; fails on timings that would let two leaders overlap.
+    pub fn election(&self) -> Result<leader::Params> {
+        let (lease, renew, retry) = (
+            self.leader_election_lease_duration,
+            self.leader_election_renew_deadline,
+            self.leader_election_retry_period,
+        );
+        if !(retry < renew && renew < lease) || lease < Duration::from_secs(1) {
+            return Err(Error::Invalid(format!(
+                "leader election needs retry period < renew deadline < lease duration (and a lease \
+                 of at least 1 s); got {retry:?}, {renew:?}, {lease:?}"
+            )));
+        }
+        let namespace = self
+            .leader_election_namespace
+            .clone()
+            .or_else(|| {
+                std::env::var("POD_NAMESPACE")
+                    .ok()
+                    .filter(|n| !n.is_empty())
+            })
+            .or_else(|| self.namespace.clone())
+            .unwrap_or_else(|| "default".into());
+        Ok(leader::Params {
+            name: self.leader_election_lease.clone(),
+            namespace,
+            identity: self
+                .leader_election_identity
+                .clone()
+                .unwrap_or_else(leader::default_identity),
+            lease_duration: lease,
+            renew_deadline: renew,
+            retry_period: retry,
+        })
+    }
+
+    pub fn protection(&self) -> protection::Settings {
+        protection::Settings {
+            service: protection::Threshold {
+                share: self.protection_threshold,
+                min_instances: self.protection_min_instances,
+            },
+            global: protection::Threshold {
+                share: self.protection_global_threshold,
+                min_instances: self.protection_global_min_instances,
+            },
+            max_duration: self.protection_max_duration,
+        }
+    }
+}
+
+/// Parses "15s", "1m 30s", "500ms" (jiff's friendly format) or ISO 8601 ("PT15S").
+pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
+    let d: jiff::SignedDuration = s
+        .parse()
+        .map_err(|e| format!("{s:?} is not a duration like 15s, 1m30s or 500ms: {e}"))?;
+    Duration::try_from(d).map_err(|_| format!("{s:?} is negative"))
+}
+
+fn parse_share(s: &str) -> std::result::Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(x) if (0.0..=1.0).contains(&x) && x > 0.0 => Ok(x),
+        _ => Err(format!(
+            "{s:?} is not a share between 0 (exclusive) and 1, like 0.5"
+        )),
+    }
 }
 
 /// The longest a graceful shutdown waits for in-flight work.
@@ -104,6 +215,11 @@ struct Views {
     projection: projector::Trigger,
     prober: prober::Prober,
     membership: projector::Membership,
+    /// The election, and with it [`leader::Contact`]: whether the apiserver answers.
+    elector: Arc<leader::Elector>,
+    guard: Mutex<protection::Guard>,
+    /// Where changes of protection go to be announced.
+    announce: futures::channel::mpsc::UnboundedSender<Vec<protection::Change>>,
 }
 
 impl Views {
@@ -116,10 +232,33 @@ impl Views {
         self.relisted_at.fetch_max(nanos, Ordering::Relaxed);
     }
 
+    /// The start of the current view: the last (re)list of a watch, or the moment the
+    /// apiserver answered again after it did not.
     fn view_floor(&self) -> Tick {
-        Tick(Duration::from_nanos(
+        let relisted = Tick(Duration::from_nanos(
             self.relisted_at.load(Ordering::Relaxed),
-        ))
+        ));
+        let restored = self
+            .elector
+            .contact()
+            .restored_at()
+            .map(|at| Tick(at.saturating_duration_since(self.origin)))
+            .unwrap_or_default();
+        relisted.max(restored)
+    }
+
+    fn instant(&self, tick: Tick) -> tokio::time::Instant {
+        self.origin + tick.0
+    }
+
+    fn protection(&self) -> std::sync::MutexGuard<'_, protection::Guard> {
+        self.guard.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn announce(&self, changes: Vec<protection::Change>) {
+        if !changes.is_empty() {
+            let _ = self.announce.unbounded_send(changes);
+        }
     }
 
     fn index(&self, si: &ServiceInstance, present: bool) {
@@ -208,6 +347,8 @@ impl Views {
                         .lock()
                         .unwrap_or_else(PoisonError::into_inner)
                         .forget(&ns, &si.name_any());
+                    let changes = self.protection().forget(&(ns, si.name_any()), self.now());
+                    self.announce(changes);
                 }
                 if let Some(uid) = si.uid() {
                     self.written
@@ -331,8 +472,11 @@ fn instances(client: Client, namespace: Option<&str>) -> Api<ServiceInstance> {
     }
 }
 
-/// Runs the controller and its HTTP endpoints until `shutdown` is cancelled.
+/// Runs the controller and its HTTP endpoints until `shutdown` is cancelled: stands for
+/// election, and leads while it holds the Lease. Every term starts from nothing (fresh caches,
+/// fresh observations), which is what gives every instance a full TTL after a leader change.
 pub async fn run(settings: &Settings, shutdown: CancellationToken) -> Result<()> {
+    let election = settings.election()?;
     let (client, url) = connect(settings.kubeconfig.as_ref(), settings.context.as_ref()).await?;
     preflight(&client, &url, settings.namespace.as_deref()).await?;
 
@@ -345,9 +489,87 @@ pub async fn run(settings: &Settings, shutdown: CancellationToken) -> Result<()>
     tracing::info!(%addr, "serving /healthz, /readyz and /metrics");
     let serve = tokio::spawn(serve);
 
+    let identity = election.identity.clone();
+    let lease = format!("{}/{}", election.namespace, election.name);
+    let elector = Arc::new(leader::Elector::new(client.clone(), election));
+    let process = Process {
+        client,
+        url,
+        metrics: metrics.clone(),
+        health: health.clone(),
+        elector: elector.clone(),
+        shutdown: shutdown.clone(),
+    };
+    let result = loop {
+        // A standby that reaches the apiserver is ready: it is healthy and waiting its turn.
+        let ready = health.ready.clone();
+        if !elector
+            .acquire(&shutdown, || ready.store(true, Ordering::Relaxed))
+            .await
+        {
+            break Ok(());
+        }
+        tracing::info!(%identity, %lease, "became leader");
+        metrics.set_leader(true);
+        let term = shutdown.child_token();
+        let hold = {
+            let (elector, term) = (elector.clone(), term.clone());
+            tokio::spawn(async move {
+                let end = elector.hold(&term).await;
+                term.cancel();
+                end
+            })
+        };
+        let led = lead(settings, &process, &term).await;
+        term.cancel();
+        let end = hold.await.unwrap_or(TermEnd::Lost);
+        metrics.set_leader(false);
+        if let Err(e) = led {
+            break Err(e);
+        }
+        if shutdown.is_cancelled() {
+            elector.release().await;
+            break Ok(());
+        }
+        if end == TermEnd::Lost {
+            tracing::warn!("lost leadership: stopped writing; standing for election again");
+        }
+    };
+    shutdown.cancel();
+    match serve.await {
+        Ok(served) => served?,
+        Err(e) => tracing::warn!(error = %e, "HTTP server task"),
+    }
+    tracing::info!("controller stopped");
+    result
+}
+
+/// What outlives a term.
+struct Process {
+    client: Client,
+    url: String,
+    metrics: Arc<Metrics>,
+    health: Health,
+    elector: Arc<leader::Elector>,
+    shutdown: CancellationToken,
+}
+
+/// One term as leader: watches, reconciles, projects and probes until `term` is cancelled (by
+/// shutdown or by the loss of the Lease).
+async fn lead(settings: &Settings, process: &Process, term: &CancellationToken) -> Result<()> {
+    let Process {
+        client,
+        url,
+        metrics,
+        health,
+        elector,
+        shutdown,
+    } = process;
+    let client = client.clone();
     let (projection, projection_keys) = projector::trigger();
-    // Verdict changes of health checks reconcile their instance.
-    let (probe_tx, probe_rx) = futures::channel::mpsc::unbounded();
+    // Verdict changes of health checks, and changes of protection, reconcile their instances.
+    let (requeue_tx, requeue_rx) = futures::channel::mpsc::unbounded();
+    let (announce_tx, announce_rx) = futures::channel::mpsc::unbounded();
     let views = Arc::new(Views {
         origin: tokio::time::Instant::now(),
         relisted_at: AtomicU64::new(0),
@@ -361,10 +583,13 @@ pub async fn run(settings: &Settings, shutdown: CancellationToken) -> Result<()>
         membership: projector::Membership::default(),
         prober: prober::spawn(
             settings.probe_concurrency,
-            probe_tx,
+            requeue_tx.clone(),
             metrics.clone(),
-            shutdown.clone(),
+            term.clone(),
         ),
+        elector: elector.clone(),
+        guard: Mutex::new(protection::Guard::new(settings.protection())),
+        announce: announce_tx,
     });
     let written = Arc::new(projector::Written::default());
     let (services, slices, config_maps, synced) = projector::watch_children(
@@ -372,7 +597,7 @@ pub async fn run(settings: &Settings, shutdown: CancellationToken) -> Result<()>
         settings.namespace.as_deref(),
         &projection,
         &written,
-        &shutdown,
+        term,
     );
 
     // Leases: renewals are heartbeats of the instances that name them.
@@ -401,6 +626,7 @@ pub async fn run(settings: &Settings, shutdown: CancellationToken) -> Result<()>
     // `Store::wait_until_ready`: a second waiter beside the controller's own is never woken.
     let (reader, writer) = reflector::store();
     let ready = health.ready.clone();
+    let first_sync = Arc::new(AtomicBool::new(false));
     let instance_views = views.clone();
     let instances_synced = synced.clone();
     let instance_reader = reader.clone();
@@ -423,7 +649,8 @@ pub async fn run(settings: &Settings, shutdown: CancellationToken) -> Result<()>
             Ok(event) => {
                 views.on_instance_event(event);
                 if let watcher::Event::InitDone = event {
-                    if !ready.swap(true, Ordering::Relaxed) {
+                    if !first_sync.swap(true, Ordering::Relaxed) {
+                        ready.store(true, Ordering::Relaxed);
                         instances_synced.instances_synced();
                         tracing::info!("ServiceInstance cache synced; ready");
                     } else {
@@ -442,7 +669,7 @@ pub async fn run(settings: &Settings, shutdown: CancellationToken) -> Result<()>
     let mapper_views = views.clone();
     let controller = Controller::for_stream(events, reader)
         .reconcile_all_on(relist_rx)
-        .reconcile_on(probe_rx)
+        .reconcile_on(requeue_rx)
         .watches_stream(lease_events, move |lease: Lease| {
             mapper_views.instances_for(&lease)
         })
@@ -473,39 +700,44 @@ pub async fn run(settings: &Settings, shutdown: CancellationToken) -> Result<()>
         synced,
         written,
     ));
-    tokio::spawn(projector.run(projection_keys, projection, shutdown.clone()));
+    tokio::spawn(projector.run(projection_keys, projection, term.clone()));
+    tokio::spawn(announce(
+        announce_rx,
+        views.clone(),
+        recorder.clone(),
+        metrics.clone(),
+        requeue_tx,
+        term.clone(),
+    ));
     let ctx = Arc::new(Context {
         recorder,
         client,
-        metrics,
+        metrics: metrics.clone(),
         leases: lease_reader,
         views,
     });
     let run = controller
-        .graceful_shutdown_on(shutdown.clone().cancelled_owned())
+        .graceful_shutdown_on(term.clone().cancelled_owned())
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
             if let Err(e) = result {
                 tracing::debug!(error = %e, "reconcile loop");
             }
         });
-    // Graceful shutdown finishes in-flight reconciles, but never waits longer than this: a
-    // shutdown that arrives before the first sync would otherwise wait for a sync that the
-    // stopped watch can no longer deliver.
+    // A shutdown finishes in-flight reconciles, but never waits longer than this: one that
+    // arrives before the first sync would otherwise wait for a sync that the stopped watch can
+    // no longer deliver. A lost term stops at once: another leader may be about to start.
     let deadline = async {
-        shutdown.cancelled().await;
-        tokio::time::sleep(SHUTDOWN_GRACE).await;
+        term.cancelled().await;
+        if shutdown.is_cancelled() {
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        }
     };
     tokio::select! {
         () = run => {}
-        () = deadline => tracing::warn!("graceful shutdown took longer than {SHUTDOWN_GRACE:?}; stopping now"),
+        () = deadline => tracing::warn!("stopping in-flight reconciles now"),
     }
-    shutdown.cancel();
-    match serve.await {
-        Ok(result) => result?,
-        Err(e) => tracing::warn!(error = %e, "HTTP server task"),
-    }
-    tracing::info!("controller stopped");
+    term.cancel();
     Ok(())
 }
 
@@ -538,6 +770,7 @@ async fn reconcile(si: Arc<ServiceInstance>, ctx: Arc<Context>) -> Result<Action
             .as_deref()
             .is_some_and(|v| v.parse::<jiff::Timestamp>().is_err()),
         health_check: None,
+        protected: None,
     };
     let signals = Signals {
         annotation,
@@ -584,13 +817,57 @@ async fn reconcile(si: Arc<ServiceInstance>, ctx: Arc<Context>) -> Result<Action
                 probe::Verdict::Unknown => status::health_check_prior(Some(&baseline)),
                 verdict => verdict,
             });
-    if matches!(judgement.liveness, Liveness::Silent | Liveness::Expired)
-        && views.any_watch_broken()
-    {
-        // Heartbeats may be arriving unseen: judge nothing silent until the watch is back.
-        return Ok(Action::requeue(Duration::from_secs(1)));
+    let silent = matches!(judgement.liveness, Liveness::Silent | Liveness::Expired);
+    if silent {
+        if views.any_watch_broken() {
+            // Heartbeats may be arriving unseen: judge nothing silent until the watch is back.
+            return Ok(Action::requeue(Duration::from_secs(1)));
+        }
+        // Believe only a silence the apiserver could have broken: a request that started after
+        // the verdict became due must have been answered (a paused apiserver or etcd breaks no
+        // watch, it just delivers nothing).
+        if let Some(due) = judgement.due
+            && !views
+                .elector
+                .contact()
+                .confirmed_since(views.instant(due))
+                .await
+        {
+            return Ok(Action::requeue(Duration::from_secs(1)));
+        }
     }
-    if judgement.liveness == Liveness::Expired {
+
+    // Protection against mass expiry: every verdict counts; the scope decides.
+    let key = (namespace.clone(), name.clone());
+    let silence = match (silent, judgement.silent_since) {
+        (false, _) => Silence::None,
+        (true, Some(at)) => Silence::Since(at),
+        (true, None) => Silence::Older,
+    };
+    let service = Scope::Service {
+        namespace: namespace.clone(),
+        service: si.spec.service.clone(),
+    };
+    let (changes, protection, max_duration) = {
+        let mut guard = views.protection();
+        let changes = guard.report(key.clone(), service, silence, timing.ttl, now);
+        (
+            changes,
+            guard.protects(&key).filter(|_| silent),
+            guard.settings().max_duration,
+        )
+    };
+    views.announce(changes);
+    let was_alive = observed.last_heartbeat.is_some()
+        || status::prior(Some(&baseline)) == liveness::Prior::Alive;
+    problems.protected = protection.as_ref().map(|p| {
+        let hold_readiness = p.readiness_held && was_alive;
+        status::Protected {
+            message: protected_message(p, hold_readiness, max_duration),
+            hold_readiness,
+        }
+    });
+    if judgement.liveness == Liveness::Expired && protection.is_none() {
         return expire(&si, &namespace, &uid, cached_renewal, &ctx).await;
     }
 
@@ -629,13 +906,152 @@ async fn reconcile(si: Arc<ServiceInstance>, ctx: Arc<Context>) -> Result<Action
         {
             ctx.metrics.transitioned(phase);
             tracing::info!(%namespace, %name, from = ?before, to = ?phase, "transition");
-            publish(&ctx, &si, transition_event(&si, phase)).await;
+            let held = problems
+                .protected
+                .as_ref()
+                .is_some_and(|p| p.hold_readiness);
+            let event = if held && silent {
+                Event {
+                    type_: EventType::Warning,
+                    reason: "Protected".into(),
+                    note: Some(
+                        "No heartbeat, but held at its last-known-good readiness by protection \
+                         against mass expiry"
+                            .into(),
+                    ),
+                    action: "Reconcile".into(),
+                    secondary: None,
+                }
+            } else {
+                transition_event(&si, phase)
+            };
+            publish(&ctx, &si, event).await;
         }
     }
-    Ok(match judgement.next_check {
+    // A protected instance is judged again when the time cap releases it at the latest.
+    let next = [judgement.next_check, protection.map(|p| p.until)]
+        .into_iter()
+        .flatten()
+        .min();
+    Ok(match next {
         Some(at) => Action::requeue(at.saturating_since(now)),
         None => Action::await_change(),
     })
+}
+
+/// The `Protected` condition's message: the same for the whole episode, so it causes no write.
+fn protected_message(p: &Protection, hold_readiness: bool, max: Duration) -> String {
+    let held = if hold_readiness {
+        " and its last-known-good readiness is held"
+    } else {
+        ""
+    };
+    format!(
+        "{} of {} instances ({}) fell silent within one TTL, more likely a partition or an \
+         apiserver problem than mass death: its deletion is suspended{held} until they recover, \
+         for at most {} s",
+        p.silent,
+        p.total,
+        p.scope,
+        max.as_secs()
+    )
+}
+
+/// Announces changes of protection: a log line, the metrics, an Event on the Service (on the
+/// election Lease for all instances), and a reconcile of every silent instance of the scope,
+/// so that their status and the projection follow at once.
+async fn announce(
+    mut changes: futures::channel::mpsc::UnboundedReceiver<Vec<protection::Change>>,
+    views: Arc<Views>,
+    recorder: Recorder,
+    metrics: Arc<Metrics>,
+    requeue: futures::channel::mpsc::UnboundedSender<ObjectRef<ServiceInstance>>,
+    term: CancellationToken,
+) {
+    loop {
+        let batch = tokio::select! {
+            () = term.cancelled() => return,
+            batch = changes.next() => match batch {
+                Some(batch) => batch,
+                None => return,
+            },
+        };
+        for change in batch {
+            let (engaged, max) = {
+                let guard = views.protection();
+                let engaged: Vec<Scope> = guard.engaged().cloned().collect();
+                (engaged, guard.settings().max_duration.as_secs())
+            };
+            metrics.protection_changed(&change.kind, engaged.into_iter());
+            let scope = &change.scope;
+            let (type_, reason, note) = match change.kind {
+                ChangeKind::Engaged { silent, total } => {
+                    metrics.protection_engaged(scope);
+                    tracing::warn!(%scope, silent, total, "protection against mass expiry engaged");
+                    (
+                        EventType::Warning,
+                        "ProtectionEngaged",
+                        format!(
+                            "{silent} of {total} instances ({scope}) fell silent within one TTL: \
+                             deletion suspended and last-known-good readiness held until they \
+                             recover, for at most {max} s"
+                        ),
+                    )
+                }
+                ChangeKind::Released(Release::Recovered) => {
+                    tracing::info!(%scope, "protection against mass expiry released: recovered");
+                    (
+                        EventType::Normal,
+                        "ProtectionReleased",
+                        format!("Heartbeats are back ({scope}): protection released"),
+                    )
+                }
+                ChangeKind::Released(Release::TimeCap) => {
+                    tracing::warn!(%scope, "protection against mass expiry released: time cap");
+                    (
+                        EventType::Warning,
+                        "ProtectionTimedOut",
+                        format!(
+                            "Protection ({scope}) released after {max} s without recovery; silent \
+                             instances are judged as usual again"
+                        ),
+                    )
+                }
+            };
+            let reference = match scope {
+                Scope::Service { namespace, service } => ObjectReference {
+                    api_version: Some("v1".into()),
+                    kind: Some("Service".into()),
+                    name: Some(service.clone()),
+                    namespace: Some(namespace.clone()),
+                    ..ObjectReference::default()
+                },
+                Scope::All => {
+                    let p = views.elector.params();
+                    ObjectReference {
+                        api_version: Some("coordination.k8s.io/v1".into()),
+                        kind: Some("Lease".into()),
+                        name: Some(p.name.clone()),
+                        namespace: Some(p.namespace.clone()),
+                        ..ObjectReference::default()
+                    }
+                }
+            };
+            let event = Event {
+                type_,
+                reason: reason.into(),
+                note: Some(note),
+                action: "Protect".into(),
+                secondary: None,
+            };
+            if let Err(e) = recorder.publish(&event, &reference).await {
+                tracing::warn!(%scope, reason, error = %e, "cannot publish Event");
+            }
+            for (namespace, name) in change.affected {
+                let _ = requeue.unbounded_send(ObjectRef::new(&name).within(&namespace));
+            }
+        }
+    }
 }
 
 /// Deletes an instance after `deleteAfterSeconds` of observed silence. It loses every race

@@ -67,16 +67,15 @@ pub async fn run(args: DevArgs, shutdown: CancellationToken) -> Result<()> {
     let (client, _) = controller::connect(Some(&kubeconfig), None).await?;
     install_crd(&client).await?;
 
-    let settings = Settings {
-        kubeconfig: Some(kubeconfig.clone()),
-        context: None,
-        namespace: None,
-        http_addr: args.http_addr,
-        concurrency: 16,
-        projection_window_ms: 100,
-        headless_services: false,
-        probe_concurrency: 64,
-    };
+    // The controller's own defaults, as `roster controller` would parse them.
+    #[derive(clap::Parser)]
+    struct Defaults {
+        #[command(flatten)]
+        settings: Settings,
+    }
+    let mut settings = <Defaults as clap::Parser>::parse_from(["roster"]).settings;
+    settings.kubeconfig = Some(kubeconfig.clone());
+    settings.http_addr = args.http_addr;
     let controller_shutdown = shutdown.clone();
     let mut controller =
         tokio::spawn(async move { controller::run(&settings, controller_shutdown).await });

@@ -42,6 +42,9 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    #[error("invalid settings: {0}")]
+    Invalid(String),
+
     #[error("local control plane: {context}")]
     ControlPlane {
         context: String,
@@ -61,6 +64,7 @@ impl Error {
             Error::Serialize { .. } => "serialize",
             Error::Serve { .. } => "serve",
             Error::ControlPlane { .. } => "control_plane",
+            Error::Invalid(_) => "invalid",
         }
     }
 

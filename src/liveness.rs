@@ -76,6 +76,11 @@ pub enum Liveness {
 pub struct Judgement {
     pub liveness: Liveness,
     pub next_check: Option<Tick>,
+    /// When its TTL ran out, for an instance this controller saw fall silent (`None` for one
+    /// that was already silent when the current view began).
+    pub silent_since: Option<Tick>,
+    /// When the verdict became due: the end of the TTL (Silent) or of `delete_after` (Expired).
+    pub due: Option<Tick>,
 }
 
 /// Judges an instance at `now`.
@@ -95,12 +100,16 @@ pub fn judge(timing: Timing, observed: Observed, prior: Prior, now: Tick) -> Jud
         return Judgement {
             liveness: Liveness::Expired,
             next_check: None,
+            silent_since: Some(silence_start + timing.ttl),
+            due: Some(silence_start + delete_after),
         };
     }
     if silent >= timing.ttl {
         return Judgement {
             liveness: Liveness::Silent,
             next_check: timing.delete_after.map(|d| silence_start + d),
+            silent_since: Some(silence_start + timing.ttl),
+            due: Some(silence_start + timing.ttl),
         };
     }
     // Within the TTL: alive if a heartbeat was seen in this view; else (a heartbeat from before
@@ -117,6 +126,8 @@ pub fn judge(timing: Timing, observed: Observed, prior: Prior, now: Tick) -> Jud
     Judgement {
         liveness,
         next_check: Some(silence_start + timing.ttl),
+        silent_since: None,
+        due: None,
     }
 }
 
@@ -301,11 +312,11 @@ mod tests {
         ];
         for (i, (timing, observed, prior, now, liveness, next)) in cases.into_iter().enumerate() {
             let got = judge(timing, observed, prior, s(now));
-            let want = Judgement {
-                liveness,
-                next_check: next.map(s),
-            };
-            assert_eq!(got, want, "case {i}: {observed:?} {prior:?} at {now}");
+            assert_eq!(
+                (got.liveness, got.next_check),
+                (liveness, next.map(s)),
+                "case {i}: {observed:?} {prior:?} at {now}"
+            );
         }
     }
 
@@ -460,6 +471,8 @@ mod tests {
                 }
                 let j = judge(timing, observed, prior, now);
                 let quiet = now.saturating_since(last_event);
+                prop_assert!(j.due.is_none_or(|due| due <= now), "due in the future");
+                prop_assert!(j.silent_since.is_none_or(|s| s <= now), "silent since a future moment");
                 match j.liveness {
                     Liveness::Expired => {
                         let d = timing.delete_after;

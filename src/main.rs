@@ -28,7 +28,7 @@ enum Command {
     /// Print the ServiceInstance CRD as YAML.
     Crd,
     /// Run the controller.
-    Controller(controller::Settings),
+    Controller(Box<controller::Settings>),
     /// Run everything locally: control plane, CRD, controller and an example instance.
     Dev(dev::DevArgs),
     /// Manage the embedded local control plane (etcd + kube-apiserver).

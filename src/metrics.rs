@@ -2,7 +2,7 @@
 
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
-    metrics::{counter::Counter, family::Family, histogram::Histogram},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
 use std::time::Instant;
@@ -32,6 +32,20 @@ pub struct Metrics {
     projection_writes: Family<KindLabels, Counter>,
     config_maps_too_large: prometheus_client::metrics::gauge::Gauge,
     probes: Family<ResultLabels, Counter>,
+    leader: Gauge,
+    protected_scopes: Family<ScopeLabels, Gauge>,
+    protection_engagements: Family<ScopeLabels, Counter>,
+    protection_releases: Family<ReasonLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ScopeLabels {
+    scope: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -110,7 +124,35 @@ impl Default for Metrics {
             "Health checks run, by result",
             probes.clone(),
         );
+        let leader = Gauge::default();
+        registry.register(
+            "leader",
+            "1 while this replica holds the leader Lease (only the leader writes and probes)",
+            leader.clone(),
+        );
+        let protected_scopes = Family::<ScopeLabels, Gauge>::default();
+        let protection_engagements = Family::<ScopeLabels, Counter>::default();
+        let protection_releases = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "protected_scopes",
+            "Scopes (services, or all instances) under protection against mass expiry now",
+            protected_scopes.clone(),
+        );
+        registry.register(
+            "protection_engagements",
+            "Times protection against mass expiry engaged, by scope",
+            protection_engagements.clone(),
+        );
+        registry.register(
+            "protection_releases",
+            "Times protection against mass expiry released, by reason (recovered, time_cap)",
+            protection_releases.clone(),
+        );
         Metrics {
+            leader,
+            protected_scopes,
+            protection_engagements,
+            protection_releases,
             registry,
             probes,
             projection_writes,
@@ -180,6 +222,53 @@ impl Metrics {
     pub fn probed(&self, passed: bool) {
         let result = if passed { "pass" } else { "fail" };
         self.probes.get_or_create(&ResultLabels { result }).inc();
+    }
+
+    pub fn set_leader(&self, leader: bool) {
+        self.leader.set(i64::from(leader));
+    }
+
+    /// Records a change of protection; `engaged` counts the scopes engaged after it.
+    pub fn protection_changed(
+        &self,
+        change: &crate::protection::ChangeKind,
+        engaged: impl Iterator<Item = crate::protection::Scope>,
+    ) {
+        use crate::protection::{ChangeKind, Release, Scope};
+        match change {
+            ChangeKind::Engaged { .. } => {}
+            ChangeKind::Released(release) => {
+                let reason = match release {
+                    Release::Recovered => "recovered",
+                    Release::TimeCap => "time_cap",
+                };
+                self.protection_releases
+                    .get_or_create(&ReasonLabels { reason })
+                    .inc();
+            }
+        }
+        let (mut services, mut all) = (0, 0);
+        for scope in engaged {
+            match scope {
+                Scope::All => all += 1,
+                Scope::Service { .. } => services += 1,
+            }
+        }
+        for (scope, n) in [("service", services), ("global", all)] {
+            self.protected_scopes
+                .get_or_create(&ScopeLabels { scope })
+                .set(n);
+        }
+    }
+
+    pub fn protection_engaged(&self, scope: &crate::protection::Scope) {
+        let scope = match scope {
+            crate::protection::Scope::All => "global",
+            crate::protection::Scope::Service { .. } => "service",
+        };
+        self.protection_engagements
+            .get_or_create(&ScopeLabels { scope })
+            .inc();
     }
 
     /// The metrics in the Prometheus text exposition format.

@@ -20,8 +20,11 @@ pub const READY: &str = "Ready";
 pub const HEARTBEATING: &str = "Heartbeating";
 /// Condition type: the result of the instance's health check, if it declares one.
 pub const HEALTH_CHECK: &str = "HealthCheck";
+/// Condition type: protection against mass expiry holds the instance (present only then).
+pub const PROTECTED: &str = "Protected";
 
-/// Problems with an instance's heartbeat signals, reported on the `Heartbeating` condition.
+/// What else the status reports besides the verdict: problems with the heartbeat signals (on
+/// the `Heartbeating` condition), the health check, and protection against mass expiry.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SignalProblems {
     /// `spec.leaseName` names a Lease that does not exist.
@@ -30,6 +33,18 @@ pub struct SignalProblems {
     pub annotation_not_timestamp: bool,
     /// The verdict of the instance's health check, if it declares one.
     pub health_check: Option<Verdict>,
+    /// Protection against mass expiry holds this instance.
+    pub protected: Option<Protected>,
+}
+
+/// How protection holds an instance.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Protected {
+    /// Why, for the `Protected` condition; stable for the whole episode.
+    pub message: String,
+    /// Its readiness stays at last-known-good: a silent instance that was live before it fell
+    /// silent keeps the phase it had while heartbeating.
+    pub hold_readiness: bool,
 }
 
 /// What the written status says about liveness, for the next judgement.
@@ -86,8 +101,26 @@ pub fn desired(
         None => "never deleted (deleteAfterSeconds: 0)".to_string(),
     };
     let check = problems.health_check.as_ref();
-    let phase = phase(liveness, spec.draining, check);
+    let silent = matches!(liveness, Liveness::Silent | Liveness::Expired);
+    let held = silent
+        && problems
+            .protected
+            .as_ref()
+            .is_some_and(|p| p.hold_readiness);
+    let phase = phase(
+        if held { Liveness::Alive } else { liveness },
+        spec.draining,
+        check,
+    );
     let (ready, ready_reason, ready_message) = match (phase, check) {
+        (Phase::Ready, _) if held => (
+            "True",
+            "Protected",
+            format!(
+                "No heartbeat observed for {ttl} s, but protection against mass expiry holds its \
+                 last-known-good readiness"
+            ),
+        ),
         (Phase::Pending, Some(Verdict::Unknown)) if liveness == Liveness::Alive => (
             "Unknown",
             "AwaitingHealthCheck",
@@ -212,6 +245,15 @@ pub fn desired(
     } else {
         conditions.retain(|c| c.type_ != HEALTH_CHECK);
     }
+    match &problems.protected {
+        Some(p) => {
+            conditions = set_condition(
+                &conditions,
+                condition(PROTECTED, "True", "MassSilence", p.message.clone()),
+            );
+        }
+        None => conditions.retain(|c| c.type_ != PROTECTED),
+    }
     ServiceInstanceStatus {
         phase: Some(phase),
         observed_generation: generation,
@@ -232,7 +274,7 @@ pub fn liveness_view(status: Option<&ServiceInstanceStatus>) -> ServiceInstanceS
         conditions: status
             .conditions
             .iter()
-            .filter(|c| [READY, HEARTBEATING, HEALTH_CHECK].contains(&c.type_.as_str()))
+            .filter(|c| [READY, HEARTBEATING, HEALTH_CHECK, PROTECTED].contains(&c.type_.as_str()))
             .cloned()
             .collect(),
     }
@@ -414,6 +456,42 @@ mod tests {
         let s = desired(&instance(), None, Liveness::Alive, &annotation, at(1));
         assert_eq!(condition(&s, HEARTBEATING).reason, "HeartbeatNotTimestamp");
         assert_eq!(condition(&s, HEARTBEATING).status, "True");
+    }
+
+    #[test]
+    fn protection_holds_readiness_but_not_the_truth_about_heartbeats() {
+        let si = instance();
+        let protected = |hold_readiness| SignalProblems {
+            protected: Some(Protected {
+                message: "6 of 10 fell silent".into(),
+                hold_readiness,
+            }),
+            ..Default::default()
+        };
+        for liveness in [Liveness::Silent, Liveness::Expired] {
+            let held = desired(&si, None, liveness, &protected(true), at(1));
+            assert_eq!(held.phase, Some(Phase::Ready));
+            assert_eq!(condition(&held, READY).reason, "Protected");
+            assert_eq!(condition(&held, HEARTBEATING).status, "False");
+            assert_eq!(condition(&held, PROTECTED).message, "6 of 10 fell silent");
+            // Deletion frozen, readiness not held: Unhealthy, and says why it is still there.
+            let frozen = desired(&si, None, liveness, &protected(false), at(1));
+            assert_eq!(frozen.phase, Some(Phase::Unhealthy));
+            assert_eq!(condition(&frozen, PROTECTED).status, "True");
+            // Released: the condition goes.
+            let released = desired(
+                &si,
+                Some(&held),
+                liveness,
+                &SignalProblems::default(),
+                at(2),
+            );
+            assert_eq!(released.phase, Some(Phase::Unhealthy));
+            assert!(released.conditions.iter().all(|c| c.type_ != PROTECTED));
+        }
+        // A live instance is not changed by holding.
+        let alive = desired(&si, None, Liveness::Alive, &protected(true), at(1));
+        assert_eq!(condition(&alive, READY).reason, "Heartbeating");
     }
 
     #[test]

@@ -260,7 +260,12 @@ pub struct ControllerProcess {
 
 impl ControllerProcess {
     pub fn start(kubeconfig: &Path, namespace: &str) -> ControllerProcess {
-        Self::spawn(&[
+        Self::start_with(kubeconfig, namespace, &[])
+    }
+
+    /// `roster controller` for one namespace, with `extra` flags.
+    pub fn start_with(kubeconfig: &Path, namespace: &str, extra: &[&str]) -> ControllerProcess {
+        let mut args = vec![
             "controller",
             "--kubeconfig",
             kubeconfig.to_str().expect("utf-8 path"),
@@ -268,7 +273,14 @@ impl ControllerProcess {
             namespace,
             "--http-addr",
             "127.0.0.1:0",
-        ])
+        ];
+        args.extend_from_slice(extra);
+        Self::spawn(&args)
+    }
+
+    /// Kills it with SIGKILL (no chance to release anything) and reaps it.
+    pub async fn kill(&mut self) {
+        self.child.kill().await.expect("kill -9 roster");
     }
 
     /// Runs `roster <args>` with its stderr collected.
@@ -473,4 +485,88 @@ pub async fn timing() -> tokio::sync::RwLockReadGuard<'static, ()> {
 
 pub async fn heavy() -> tokio::sync::RwLockWriteGuard<'static, ()> {
     LOAD.write().await
+}
+
+/// What happened to the ServiceInstances of a namespace, as a watch saw it: every phase change
+/// and every deletion, with the moment it was seen. Tests assert on it that nothing changed
+/// state wrongly while they broke things.
+pub struct History {
+    seen: Arc<Mutex<Vec<Seen>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// One change: the instance's phase, or `None` when it was deleted.
+#[derive(Clone, Debug)]
+pub struct Seen {
+    pub at: std::time::Instant,
+    pub name: String,
+    pub phase: Option<roster::api::Phase>,
+}
+
+impl History {
+    /// Starts watching; returns once the watch has listed what is there.
+    pub async fn start(api: Api<roster::api::ServiceInstance>) -> History {
+        use futures::StreamExt;
+        use kube::runtime::watcher;
+        let seen = Arc::new(Mutex::new(Vec::<Seen>::new()));
+        let (sink, (listed_tx, listed_rx)) = (seen.clone(), tokio::sync::oneshot::channel());
+        let task = tokio::spawn(async move {
+            let mut listed = Some(listed_tx);
+            let mut last: std::collections::HashMap<String, Option<roster::api::Phase>> =
+                Default::default();
+            let mut events = watcher(api, watcher::Config::default()).boxed();
+            while let Some(event) = events.next().await {
+                let (si, deleted) = match event {
+                    Ok(watcher::Event::Apply(si) | watcher::Event::InitApply(si)) => (si, false),
+                    Ok(watcher::Event::Delete(si)) => (si, true),
+                    Ok(watcher::Event::InitDone) => {
+                        if let Some(tx) = listed.take() {
+                            let _ = tx.send(());
+                        }
+                        continue;
+                    }
+                    _ => continue,
+                };
+                let name = si.metadata.name.clone().unwrap_or_default();
+                let phase = si.status.as_ref().and_then(|s| s.phase);
+                let entry = if deleted { None } else { phase };
+                if deleted || last.get(&name) != Some(&entry) {
+                    last.insert(name.clone(), entry);
+                    if let Ok(mut seen) = sink.lock() {
+                        seen.push(Seen {
+                            at: std::time::Instant::now(),
+                            name,
+                            phase: entry,
+                        });
+                    }
+                }
+            }
+        });
+        let _ = listed_rx.await;
+        History { seen, task }
+    }
+
+    pub fn all(&self) -> Vec<Seen> {
+        self.seen.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Names of the instances seen deleted.
+    pub fn deleted(&self) -> Vec<String> {
+        self.all()
+            .into_iter()
+            .filter(|s| s.phase.is_none())
+            .map(|s| s.name)
+            .collect()
+    }
+
+    /// The changes of one instance.
+    pub fn of(&self, name: &str) -> Vec<Seen> {
+        self.all().into_iter().filter(|s| s.name == name).collect()
+    }
+}
+
+impl Drop for History {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }

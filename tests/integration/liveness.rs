@@ -17,7 +17,7 @@ use crate::harness::{
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 
-fn instance(name: &str, ttl: i32, delete_after: i32) -> ServiceInstance {
+pub(crate) fn instance(name: &str, ttl: i32, delete_after: i32) -> ServiceInstance {
     let mut spec = ServiceInstanceSpec::new(
         "checkout",
         "10.20.0.11",
@@ -28,11 +28,11 @@ fn instance(name: &str, ttl: i32, delete_after: i32) -> ServiceInstance {
     ServiceInstance::new(name, spec)
 }
 
-fn phase(si: Option<&ServiceInstance>) -> Option<Phase> {
+pub(crate) fn phase(si: Option<&ServiceInstance>) -> Option<Phase> {
     si.and_then(|si| si.status.as_ref()).and_then(|s| s.phase)
 }
 
-fn condition(si: &ServiceInstance, type_: &str) -> (String, String) {
+pub(crate) fn condition(si: &ServiceInstance, type_: &str) -> (String, String) {
     si.status
         .as_ref()
         .and_then(|s| s.conditions.iter().find(|c| c.type_ == type_))
@@ -40,7 +40,7 @@ fn condition(si: &ServiceInstance, type_: &str) -> (String, String) {
         .unwrap_or_default()
 }
 
-async fn await_phase(
+pub(crate) async fn await_phase(
     api: &Api<ServiceInstance>,
     name: &str,
     want: Phase,
@@ -57,7 +57,7 @@ async fn await_phase(
 }
 
 /// One heartbeat: a new RFC 3339 value of the annotation. Returns when the apiserver took it.
-async fn heartbeat(api: &Api<ServiceInstance>, name: &str) -> Instant {
+pub(crate) async fn heartbeat(api: &Api<ServiceInstance>, name: &str) -> Instant {
     let value = jiff::Timestamp::now().to_string();
     let patch = json!({"metadata": {"annotations": {"roster.dev/heartbeat": value}}});
     api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
@@ -100,7 +100,7 @@ async fn keep_alive(
     last
 }
 
-async fn metric(addr: &str, name: &str) -> f64 {
+pub(crate) async fn metric(addr: &str, name: &str) -> f64 {
     let (_, body) = http_get(addr, "/metrics").await;
     body.lines()
         .find_map(|l| l.strip_prefix(&format!("{name} ")))
@@ -211,7 +211,7 @@ async fn annotation_heartbeats_keep_an_instance_ready_then_silence_expires_it() 
     assert_eq!(seen, all);
 }
 
-async fn await_metric(addr: &str, name: &str, at_least: f64) {
+pub(crate) async fn await_metric(addr: &str, name: &str, at_least: f64) {
     let wait = async {
         let mut tick = tokio::time::interval(Duration::from_millis(50));
         loop {

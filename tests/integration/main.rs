@@ -9,4 +9,5 @@ mod controller;
 mod health;
 mod liveness;
 mod projection;
+mod reliability;
 mod validation;
