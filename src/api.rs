@@ -403,4 +403,127 @@ mod tests {
              `cargo run -- crd > crds/serviceinstances.roster.dev.yaml`"
         );
     }
+
+    /// Whatever JSON the apiserver hands over (a hostile or pre-schema-change object), decoding
+    /// either fails cleanly or yields an instance that every pure stage handles without a
+    /// panic: the projection, the ConfigMap view, the status and the heartbeat bookkeeping.
+    mod hostile {
+        use proptest::prelude::*;
+        use serde_json::{Value, json};
+
+        use crate::{
+            api::ServiceInstance,
+            liveness::{Observations, Sight, Signals, Tick},
+            projection::{self, Member},
+            status::{self, SignalProblems},
+        };
+
+        fn text() -> impl Strategy<Value = String> {
+            prop_oneof![
+                ".{0,40}",
+                "[a-z0-9.-]{1,70}",
+                Just("10.0.0.1".to_string()),
+                Just("::1".to_string()),
+                Just("\u{0}\u{ffff}\u{1F600}".to_string()),
+                Just("x".repeat(70_000)),
+            ]
+        }
+
+        fn json_value() -> impl Strategy<Value = Value> {
+            let leaf = prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::from),
+                any::<i64>().prop_map(Value::from),
+                any::<f64>().prop_map(Value::from),
+                text().prop_map(Value::from),
+            ];
+            leaf.prop_recursive(3, 24, 6, |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..4).prop_map(Value::from),
+                    prop::collection::btree_map(text(), inner, 0..4)
+                        .prop_map(|m| Value::Object(m.into_iter().collect())),
+                ]
+            })
+        }
+
+        /// A spec that is often almost right, with hostile values where it matters.
+        fn spec() -> impl Strategy<Value = Value> {
+            (
+                text(),
+                text(),
+                prop::collection::vec(
+                    (
+                        text(),
+                        any::<i32>(),
+                        prop_oneof![4 => Just(json!("TCP")), 2 => Just(json!("UDP")), 1 => json_value()],
+                    ),
+                    0..4,
+                ),
+                any::<i32>(),
+                prop::collection::btree_map(text(), text(), 0..4),
+                any::<i32>(),
+                prop_oneof![4 => text().prop_map(Value::from), 1 => json_value()],
+            )
+                .prop_map(|(service, address, ports, weight, metadata, ttl, extra)| {
+                    json!({
+                        "service": service,
+                        "address": address,
+                        "ports": ports.into_iter().map(|(name, port, protocol)| json!({"name": name, "port": port, "protocol": protocol})).collect::<Vec<_>>(),
+                        "weight": weight,
+                        "metadata": metadata,
+                        "ttlSeconds": ttl,
+                        "deleteAfterSeconds": ttl.wrapping_mul(3),
+                        "zone": extra,
+                    })
+                })
+        }
+
+        proptest! {
+            #[test]
+            fn decoding_and_every_pure_stage_never_panic(
+                spec in prop_oneof![4 => spec(), 1 => json_value()],
+                annotation in text(),
+                status in prop_oneof![
+                    Just(Value::Null),
+                    Just(json!({"phase": "Ready", "conditions": []})),
+                    json_value(),
+                ],
+            ) {
+                let object = json!({
+                    "apiVersion": "roster.dev/v1alpha1",
+                    "kind": "ServiceInstance",
+                    "metadata": {
+                        "name": "x", "namespace": "ns", "uid": "u",
+                        "annotations": {"roster.dev/heartbeat": annotation},
+                    },
+                    "spec": spec,
+                    "status": status,
+                });
+                let Ok(si) = serde_json::from_value::<ServiceInstance>(object) else {
+                    return Ok(());
+                };
+                let members: Vec<Member> = Member::from_instance(&si).into_iter().collect();
+                for m in &members {
+                    let _ = m.endpoint_problem();
+                    let _ = m.conditions();
+                }
+                let _ = projection::pack(&si.spec.service, &members, &[]);
+                let _ = projection::service_ports(&members);
+                let json = projection::config_json(&si.spec.service, &members);
+                prop_assert!(serde_json::from_str::<Value>(&json).is_ok());
+                let _ = si.spec.ttl();
+                let _ = si.spec.delete_after();
+                for liveness in [crate::liveness::Liveness::Pending, crate::liveness::Liveness::Alive, crate::liveness::Liveness::Silent] {
+                    let _ = status::desired(&si, si.status.as_ref(), liveness, &SignalProblems::default(), jiff::Timestamp::UNIX_EPOCH);
+                }
+                let mut observations = Observations::default();
+                let signals = Signals { annotation: si.metadata.annotations.as_ref().and_then(|a| a.values().next().cloned()), lease: None };
+                let sight = Sight { namespace: "ns", name: "x", uid: "u", fresh: true, signals };
+                let (_, heartbeat) = observations.observe(sight.clone(), Tick::default(), Tick::default());
+                prop_assert!(heartbeat, "a fresh instance with a heartbeat value heartbeated");
+                let (_, again) = observations.observe(sight, Tick::default(), Tick::default());
+                prop_assert!(!again, "the same value twice is one heartbeat");
+            }
+        }
+    }
 }

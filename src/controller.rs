@@ -15,7 +15,9 @@ use futures::StreamExt;
 use k8s_openapi::api::{coordination::v1::Lease, core::v1::ObjectReference};
 use kube::{
     Api, Client, Config, Resource, ResourceExt,
-    api::{DeleteParams, ListParams, Patch, PatchParams, Preconditions},
+    api::{
+        ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, Preconditions,
+    },
     config::{KubeConfigOptions, Kubeconfig},
     runtime::{
         WatchStreamExt,
@@ -30,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     Error, Result,
-    api::{Phase, ServiceInstance, ServiceInstanceStatus},
+    api::{Phase, ServiceInstance, ServiceInstanceSpec, ServiceInstanceStatus},
     leader::{self, TermEnd},
     liveness::{self, Liveness, Observations, Sight, Signals, Tick, Timing},
     metrics::Metrics,
@@ -544,6 +546,122 @@ pub async fn run(settings: &Settings, shutdown: CancellationToken) -> Result<()>
     result
 }
 
+/// Decodes the raw objects of the instance watch. One that cannot be decoded (stored before a
+/// schema change, say) is reported once per version (a log line, a Warning Event, the
+/// `roster_undecodable_instances` gauge) and skipped; the rest of the watch goes on.
+struct Decoder {
+    /// uid → resourceVersion of the objects that failed, as reported.
+    bad: Mutex<HashMap<String, String>>,
+    metrics: Arc<Metrics>,
+    report: futures::channel::mpsc::UnboundedSender<(ObjectReference, String)>,
+}
+
+impl Decoder {
+    fn decode(
+        &self,
+        event: std::result::Result<watcher::Event<DynamicObject>, watcher::Error>,
+    ) -> Option<std::result::Result<watcher::Event<ServiceInstance>, watcher::Error>> {
+        let event = match event {
+            Ok(event) => event,
+            Err(e) => return Some(Err(e)),
+        };
+        Some(Ok(match event {
+            watcher::Event::Init => watcher::Event::Init,
+            watcher::Event::InitDone => watcher::Event::InitDone,
+            watcher::Event::InitApply(obj) => watcher::Event::InitApply(self.one(obj)?),
+            watcher::Event::Apply(obj) => watcher::Event::Apply(self.one(obj)?),
+            watcher::Event::Delete(obj) => {
+                let metadata = obj.metadata.clone();
+                let forgotten = metadata
+                    .uid
+                    .as_ref()
+                    .is_some_and(|uid| self.bad_set().remove(uid).is_some());
+                if forgotten {
+                    self.metrics.set_undecodable(self.bad_set().len());
+                }
+                // Its spec does not matter for a deletion: only who it was.
+                let si = obj.try_parse::<ServiceInstance>().unwrap_or_else(|_| {
+                    let mut si = ServiceInstance::new("", ServiceInstanceSpec::new("", "", vec![]));
+                    si.metadata = metadata;
+                    si
+                });
+                watcher::Event::Delete(si)
+            }
+        }))
+    }
+
+    fn bad_set(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
+        self.bad.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn one(&self, obj: DynamicObject) -> Option<ServiceInstance> {
+        let reference = obj.object_ref(&ApiResource::erase::<ServiceInstance>(&()));
+        let uid = obj.metadata.uid.clone().unwrap_or_default();
+        let version = obj.metadata.resource_version.clone().unwrap_or_default();
+        match obj.try_parse::<ServiceInstance>() {
+            Ok(si) => {
+                if self.bad_set().remove(&uid).is_some() {
+                    self.metrics.set_undecodable(self.bad_set().len());
+                }
+                Some(si)
+            }
+            Err(e) => {
+                let previous = self.bad_set().insert(uid, version.clone());
+                self.metrics.set_undecodable(self.bad_set().len());
+                if previous.as_deref() != Some(version.as_str()) {
+                    let message = e.to_string();
+                    tracing::warn!(
+                        namespace = reference.namespace.as_deref().unwrap_or_default(),
+                        name = reference.name.as_deref().unwrap_or_default(),
+                        error = %message,
+                        "cannot decode a ServiceInstance; skipping it until it is fixed or deleted"
+                    );
+                    let _ = self.report.unbounded_send((reference, message));
+                }
+                None
+            }
+        }
+    }
+}
+
+/// Publishes a Warning Event on each instance that cannot be decoded.
+async fn report_undecodable(
+    mut reports: futures::channel::mpsc::UnboundedReceiver<(ObjectReference, String)>,
+    recorder: Recorder,
+    term: CancellationToken,
+) {
+    loop {
+        let (reference, message) = tokio::select! {
+            () = term.cancelled() => return,
+            report = reports.next() => match report {
+                Some(report) => report,
+                None => return,
+            },
+        };
+        let mut note = format!(
+            "Roster cannot read this ServiceInstance (stored before a schema change?) and skips \
+             it until it is fixed or deleted: {message}"
+        );
+        if note.len() > 1000 {
+            let mut end = 1000;
+            while !note.is_char_boundary(end) {
+                end -= 1;
+            }
+            note.truncate(end);
+        }
+        let event = Event {
+            type_: EventType::Warning,
+            reason: "Undecodable".into(),
+            note: Some(note),
+            action: "Decode".into(),
+            secondary: None,
+        };
+        if let Err(e) = recorder.publish(&event, &reference).await {
+            tracing::warn!(error = %e, "cannot publish Event");
+        }
+    }
+}
+
 /// What outlives a term.
 struct Process {
     client: Client,
@@ -631,40 +749,51 @@ async fn lead(settings: &Settings, process: &Process, term: &CancellationToken) 
     let instances_synced = synced.clone();
     let instance_reader = reader.clone();
     let (relist_tx, relist_rx) = futures::channel::mpsc::unbounded::<()>();
-    // No generation predicate: annotation heartbeats do not bump the generation.
-    let events = watcher(
-        instances(client.clone(), settings.namespace.as_deref()),
-        watcher::Config::default(),
-    )
-    .default_backoff()
-    .reflect(writer)
-    .inspect(move |event| {
-        let views = &instance_views;
-        views.watch_result(
-            &views.instance_watch_broken,
-            event.is_ok(),
-            "ServiceInstance",
-        );
-        match event {
-            Ok(event) => {
-                views.on_instance_event(event);
-                if let watcher::Event::InitDone = event {
-                    if !first_sync.swap(true, Ordering::Relaxed) {
-                        ready.store(true, Ordering::Relaxed);
-                        instances_synced.instances_synced();
-                        tracing::info!("ServiceInstance cache synced; ready");
-                    } else {
-                        // After a relist the cache was swapped in whole: reconcile everything,
-                        // so instances that appeared during the relist are judged too.
-                        let _ = relist_tx.unbounded_send(());
-                        views.projection.project_all();
+    // No generation predicate: annotation heartbeats do not bump the generation. Objects are
+    // watched raw and decoded one by one, so one that cannot be decoded is skipped instead of
+    // failing every list (and stalling the watch).
+    let (undecodable_tx, undecodable_rx) = futures::channel::mpsc::unbounded();
+    let decoder = Decoder {
+        bad: Mutex::default(),
+        metrics: metrics.clone(),
+        report: undecodable_tx,
+    };
+    let raw = ApiResource::erase::<ServiceInstance>(&());
+    let raw: Api<DynamicObject> = match settings.namespace.as_deref() {
+        Some(ns) => Api::namespaced_with(client.clone(), ns, &raw),
+        None => Api::all_with(client.clone(), &raw),
+    };
+    let events = watcher(raw, watcher::Config::default())
+        .default_backoff()
+        .filter_map(move |event| futures::future::ready(decoder.decode(event)))
+        .reflect(writer)
+        .inspect(move |event| {
+            let views = &instance_views;
+            views.watch_result(
+                &views.instance_watch_broken,
+                event.is_ok(),
+                "ServiceInstance",
+            );
+            match event {
+                Ok(event) => {
+                    views.on_instance_event(event);
+                    if let watcher::Event::InitDone = event {
+                        if !first_sync.swap(true, Ordering::Relaxed) {
+                            ready.store(true, Ordering::Relaxed);
+                            instances_synced.instances_synced();
+                            tracing::info!("ServiceInstance cache synced; ready");
+                        } else {
+                            // After a relist the cache was swapped in whole: reconcile everything,
+                            // so instances that appeared during the relist are judged too.
+                            let _ = relist_tx.unbounded_send(());
+                            views.projection.project_all();
+                        }
                     }
                 }
+                Err(e) => tracing::warn!(error = %e, "ServiceInstance watch"),
             }
-            Err(e) => tracing::warn!(error = %e, "ServiceInstance watch"),
-        }
-    })
-    .touched_objects();
+        })
+        .touched_objects();
 
     let mapper_views = views.clone();
     let controller = Controller::for_stream(events, reader)
@@ -701,6 +830,11 @@ async fn lead(settings: &Settings, process: &Process, term: &CancellationToken) 
         written,
     ));
     tokio::spawn(projector.run(projection_keys, projection, term.clone()));
+    tokio::spawn(report_undecodable(
+        undecodable_rx,
+        recorder.clone(),
+        term.clone(),
+    ));
     tokio::spawn(announce(
         announce_rx,
         views.clone(),

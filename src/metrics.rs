@@ -33,6 +33,7 @@ pub struct Metrics {
     config_maps_too_large: prometheus_client::metrics::gauge::Gauge,
     probes: Family<ResultLabels, Counter>,
     leader: Gauge,
+    undecodable: Gauge,
     protected_scopes: Family<ScopeLabels, Gauge>,
     protection_engagements: Family<ScopeLabels, Counter>,
     protection_releases: Family<ReasonLabels, Counter>,
@@ -124,6 +125,12 @@ impl Default for Metrics {
             "Health checks run, by result",
             probes.clone(),
         );
+        let undecodable = Gauge::default();
+        registry.register(
+            "undecodable_instances",
+            "ServiceInstances that cannot be decoded (stored before a schema change?) and are skipped",
+            undecodable.clone(),
+        );
         let leader = Gauge::default();
         registry.register(
             "leader",
@@ -149,6 +156,7 @@ impl Default for Metrics {
             protection_releases.clone(),
         );
         Metrics {
+            undecodable,
             leader,
             protected_scopes,
             protection_engagements,
@@ -222,6 +230,11 @@ impl Metrics {
     pub fn probed(&self, passed: bool) {
         let result = if passed { "pass" } else { "fail" };
         self.probes.get_or_create(&ResultLabels { result }).inc();
+    }
+
+    pub fn set_undecodable(&self, count: usize) {
+        self.undecodable
+            .set(i64::try_from(count).unwrap_or(i64::MAX));
     }
 
     pub fn set_leader(&self, leader: bool) {
