@@ -920,11 +920,12 @@ async fn reconcile(si: Arc<ServiceInstance>, ctx: Arc<Context>) -> Result<Action
         fresh: si.status.is_none(),
         signals,
     };
+    let floor = views.view_floor();
     let (observed, heartbeat) = views
         .observations
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
-        .observe(sight, now, views.view_floor());
+        .observe(sight, now, floor);
     if heartbeat {
         ctx.metrics.heartbeat_observed();
     }
@@ -968,6 +969,10 @@ async fn reconcile(si: Arc<ServiceInstance>, ctx: Arc<Context>) -> Result<Action
                 .await
         {
             return Ok(Action::requeue(Duration::from_secs(1)));
+        }
+        if views.view_floor() != floor {
+            // Contact came back while this waited: judge again in the fresh view.
+            return Ok(Action::requeue(Duration::from_millis(10)));
         }
     }
 

@@ -364,6 +364,10 @@ impl Contact {
             return true;
         }
         let _probe = self.probe.lock().await;
+        // The probe this caller waited for may have failed: then its answer stands.
+        if self.lost.load(Ordering::Relaxed) {
+            return false;
+        }
         if covered() {
             return true;
         }
