@@ -257,10 +257,27 @@ impl Views {
         self.guard.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Sends changes of protection to be announced. A release gives every instance it held a
+    /// fresh TTL from now: the stragglers of a recovery are not deleted on the spot for a
+    /// silence that protection was covering.
     fn announce(&self, changes: Vec<protection::Change>) {
-        if !changes.is_empty() {
-            let _ = self.announce.unbounded_send(changes);
+        if changes.is_empty() {
+            return;
         }
+        let now = self.now();
+        let mut observations = self
+            .observations
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        for change in &changes {
+            if let ChangeKind::Released(_) = change.kind {
+                for (namespace, name) in &change.affected {
+                    observations.rebase(namespace, name, now);
+                }
+            }
+        }
+        drop(observations);
+        let _ = self.announce.unbounded_send(changes);
     }
 
     fn index(&self, si: &ServiceInstance, present: bool) {

@@ -220,6 +220,17 @@ impl Observations {
         }
     }
 
+    /// Starts the instance's view afresh at `now`: its silence so far no longer counts (used
+    /// when protection against mass expiry releases it).
+    pub fn rebase(&mut self, namespace: &str, name: &str, now: Tick) {
+        if let Some(entry) = self
+            .entries
+            .get_mut(&(namespace.to_string(), name.to_string()))
+        {
+            entry.observed.watching_since = entry.observed.watching_since.max(now);
+        }
+    }
+
     /// Forgets a deleted instance.
     pub fn forget(&mut self, namespace: &str, name: &str) {
         self.entries

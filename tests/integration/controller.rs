@@ -135,6 +135,14 @@ async fn controller_stops_cleanly_on_sigterm_and_sigint() {
         assert!(status.success(), "{name}: exit {status}; printed:\n{out}");
         assert!(out.contains(&format!("{name} received")), "{out}");
         assert!(out.contains("controller stopped"), "{out}");
+        // It handed the leader Lease back, so the next replica leads at once.
+        assert!(out.contains("released the leader Lease"), "{out}");
+        let lease =
+            Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(client.clone(), &ns.name)
+                .get("roster-controller")
+                .await
+                .expect("the election Lease");
+        assert_eq!(lease.spec.and_then(|s| s.holder_identity), None);
     }
 }
 
