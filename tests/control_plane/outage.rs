@@ -11,7 +11,8 @@ use kube::{
 use roster::api::{InstancePort, Phase, ServiceInstance, ServiceInstanceSpec};
 
 use crate::harness::{
-    ControllerProcess, History, LocalControlPlane, processes_mentioning, wait_deleted, wait_for,
+    Beats, ControllerProcess, FAST_ELECTION, History, LocalControlPlane, processes_mentioning,
+    wait_deleted, wait_for,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -93,32 +94,6 @@ async fn heartbeat(api: &Api<ServiceInstance>, name: &str) -> kube::Result<Servi
         .await
 }
 
-/// Heartbeats `names` every `every` until dropped. Each beat is bounded by `every` and its
-/// errors are ignored, as a real client would retry: the heartbeater outlives the outage.
-struct Beats(tokio::task::JoinHandle<()>);
-
-impl Beats {
-    fn start(api: &Api<ServiceInstance>, names: &[String], every: Duration) -> Beats {
-        let (api, names) = (api.clone(), names.to_vec());
-        Beats(tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            loop {
-                tick.tick().await;
-                let beats = names
-                    .iter()
-                    .map(|name| tokio::time::timeout(every, heartbeat(&api, name)));
-                futures::future::join_all(beats).await;
-            }
-        }))
-    }
-}
-
-impl Drop for Beats {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 async fn await_ready(api: &Api<ServiceInstance>, name: &str) -> ServiceInstance {
     wait_for(
         api,
@@ -181,7 +156,10 @@ async fn outage_deletes_nothing_and_expiry_resumes_after_a_fresh_ttl(
             .expect("create");
         heartbeat(&api, name).await.expect("first heartbeat");
     }
-    let _beats = Beats::start(&api, &alive, Duration::from_millis(400));
+    let mut beats = Beats::new(&api, Duration::from_millis(400));
+    for name in &alive {
+        beats.start(name);
+    }
     for name in &alive {
         await_ready(&api, name).await;
     }
@@ -280,16 +258,5 @@ async fn an_apiserver_outage_deletes_nothing_and_expiry_resumes_after_a_fresh_tt
 /// term starts from nothing.
 #[tokio::test]
 async fn an_etcd_outage_deletes_nothing_and_expiry_resumes_after_a_fresh_ttl() {
-    outage_deletes_nothing_and_expiry_resumes_after_a_fresh_ttl(
-        Target::Etcd,
-        &[
-            "--leader-election-lease-duration",
-            "4s",
-            "--leader-election-renew-deadline",
-            "3s",
-            "--leader-election-retry-period",
-            "1s",
-        ],
-    )
-    .await;
+    outage_deletes_nothing_and_expiry_resumes_after_a_fresh_ttl(Target::Etcd, &FAST_ELECTION).await;
 }

@@ -12,83 +12,16 @@ use kube::{
     api::{ListParams, PostParams},
 };
 use roster::api::{Phase, ServiceInstance};
-use tokio_util::sync::CancellationToken;
 
 use crate::{
-    harness::{self, ControllerProcess, History, TestNamespace, await_event, wait_for},
+    harness::{
+        self, Beats, ControllerProcess, FAST_ELECTION, History, TestNamespace, await_event,
+        wait_for,
+    },
     liveness::{await_metric, await_phase, heartbeat, instance, metric},
 };
 
 const TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Short election timings, so failover fits in a test: lease 4 s, renew deadline 3 s, retry 1 s.
-const FAST_ELECTION: [&str; 6] = [
-    "--leader-election-lease-duration",
-    "4s",
-    "--leader-election-renew-deadline",
-    "3s",
-    "--leader-election-retry-period",
-    "1s",
-];
-
-/// Heartbeats instances every `every` until each one's token is cancelled; errors (an
-/// apiserver that is away) are ignored, as a real client would retry.
-pub(crate) struct Beats {
-    api: Api<ServiceInstance>,
-    every: Duration,
-    stops: std::collections::HashMap<String, CancellationToken>,
-}
-
-impl Beats {
-    pub(crate) fn new(api: &Api<ServiceInstance>, every: Duration) -> Beats {
-        Beats {
-            api: api.clone(),
-            every,
-            stops: Default::default(),
-        }
-    }
-
-    pub(crate) fn start(&mut self, name: &str) {
-        let stop = CancellationToken::new();
-        let (api, name_owned, every, token) =
-            (self.api.clone(), name.to_string(), self.every, stop.clone());
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            loop {
-                tokio::select! {
-                    () = token.cancelled() => return,
-                    _ = tick.tick() => {}
-                }
-                let value = jiff::Timestamp::now().to_string();
-                let patch = serde_json::json!({"metadata": {"annotations": {"roster.dev/heartbeat": value}}});
-                let _ = tokio::time::timeout(
-                    every,
-                    api.patch(
-                        &name_owned,
-                        &kube::api::PatchParams::default(),
-                        &kube::api::Patch::Merge(&patch),
-                    ),
-                )
-                .await;
-            }
-        });
-        self.stops.insert(name.to_string(), stop);
-    }
-
-    pub(crate) fn stop(&mut self, name: &str) {
-        if let Some(stop) = self.stops.remove(name) {
-            stop.cancel();
-        }
-    }
-}
-
-impl Drop for Beats {
-    fn drop(&mut self) {
-        for stop in self.stops.values() {
-            stop.cancel();
-        }
-    }
-}
 
 /// Creates `name` (service `service`), heartbeats it, and waits until it is Ready.
 async fn ready_instance(
