@@ -8,7 +8,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use std::{collections::BTreeMap, time::Duration};
+use std::collections::BTreeMap;
 
 /// One running instance of a service, and where to reach it.
 #[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
@@ -33,7 +33,7 @@ use std::{collections::BTreeMap, time::Duration};
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [
     {
-        "rule": "!has(self.deleteAfterSeconds) || self.deleteAfterSeconds == 0 || self.deleteAfterSeconds >= self.ttlSeconds",
+        "rule": "!has(self.deleteAfterSeconds) || !has(self.ttlSeconds) || self.deleteAfterSeconds == 0 || self.deleteAfterSeconds >= self.ttlSeconds",
         "message": "deleteAfterSeconds must be 0 (never delete) or at least ttlSeconds",
         "fieldPath": ".deleteAfterSeconds"
     }
@@ -89,12 +89,14 @@ pub struct ServiceInstanceSpec {
     ]))]
     pub metadata: BTreeMap<String, String>,
 
-    /// Seconds of observed silence after which the instance is no longer ready.
-    #[serde(default = "default_ttl")]
+    /// Seconds of observed silence after which the instance is no longer ready; unset: the
+    /// installation's default (30 unless the controller's --default-ttl says otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 3600))]
-    pub ttl_seconds: i32,
+    pub ttl_seconds: Option<i32>,
 
-    /// Seconds of observed silence after which the instance is deleted; default 3 × ttlSeconds;
+    /// Seconds of observed silence after which the instance is deleted; unset: the
+    /// installation's default (3 × the TTL unless --default-delete-after says otherwise);
     /// 0 never deletes (a persistent instance that is only marked unhealthy).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 604800))]
@@ -248,10 +250,6 @@ fn default_weight() -> i32 {
     100
 }
 
-fn default_ttl() -> i32 {
-    30
-}
-
 impl ServiceInstanceSpec {
     /// A spec with the defaults the apiserver would fill in: for tests and examples.
     pub fn new(service: &str, address: &str, ports: Vec<InstancePort>) -> Self {
@@ -262,25 +260,11 @@ impl ServiceInstanceSpec {
             weight: default_weight(),
             zone: None,
             metadata: BTreeMap::new(),
-            ttl_seconds: default_ttl(),
+            ttl_seconds: None,
             delete_after_seconds: None,
             lease_name: None,
             draining: false,
             health_check: None,
-        }
-    }
-
-    /// Observed silence after which the instance is not ready.
-    pub fn ttl(&self) -> Duration {
-        Duration::from_secs(u64::try_from(self.ttl_seconds).unwrap_or(1).max(1))
-    }
-
-    /// Observed silence after which the instance is deleted; `None` never deletes.
-    pub fn delete_after(&self) -> Option<Duration> {
-        match self.delete_after_seconds {
-            Some(0) => None,
-            Some(s) => Some(Duration::from_secs(u64::try_from(s).unwrap_or(0)).max(self.ttl())),
-            None => Some(self.ttl() * 3),
         }
     }
 }
@@ -404,6 +388,17 @@ mod tests {
         );
     }
 
+    #[test]
+    fn the_chart_ships_the_committed_crd() {
+        let committed = include_str!("../crds/serviceinstances.roster.dev.yaml");
+        let chart = include_str!("../charts/roster/crds/serviceinstances.roster.dev.yaml");
+        assert!(
+            committed == chart,
+            "charts/roster/crds/ differs from crds/; run `cp crds/serviceinstances.roster.dev.yaml \
+             charts/roster/crds/`"
+        );
+    }
+
     /// Whatever JSON the apiserver hands over (a hostile or pre-schema-change object), decoding
     /// either fails cleanly or yields an instance that every pure stage handles without a
     /// panic: the projection, the ConfigMap view, the status and the heartbeat bookkeeping.
@@ -511,10 +506,9 @@ mod tests {
                 let _ = projection::service_ports(&members);
                 let json = projection::config_json(&si.spec.service, &members);
                 prop_assert!(serde_json::from_str::<Value>(&json).is_ok());
-                let _ = si.spec.ttl();
-                let _ = si.spec.delete_after();
+                let timing = crate::liveness::Timing::of(&si.spec, &crate::liveness::Defaults::default());
                 for liveness in [crate::liveness::Liveness::Pending, crate::liveness::Liveness::Alive, crate::liveness::Liveness::Silent] {
-                    let _ = status::desired(&si, si.status.as_ref(), liveness, &SignalProblems::default(), jiff::Timestamp::UNIX_EPOCH);
+                    let _ = status::desired(&si, timing, si.status.as_ref(), liveness, &SignalProblems::default(), jiff::Timestamp::UNIX_EPOCH);
                 }
                 let mut observations = Observations::default();
                 let signals = Signals { annotation: si.metadata.annotations.as_ref().and_then(|a| a.values().next().cloned()), lease: None };

@@ -96,6 +96,14 @@ pub struct Settings {
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     pub leader_election_retry_period: Duration,
 
+    /// TTL of instances that leave ttlSeconds unset (1 s to 1 h).
+    #[arg(long, default_value = "30s", value_parser = parse_duration, env = "ROSTER_DEFAULT_TTL")]
+    pub default_ttl: Duration,
+    /// Silence after which instances that leave deleteAfterSeconds unset are deleted; unset:
+    /// three times their TTL; 0s: never.
+    #[arg(long, value_parser = parse_duration, env = "ROSTER_DEFAULT_DELETE_AFTER")]
+    pub default_delete_after: Option<Duration>,
+
     /// Protection engages for a service when this share (0–1) of its instances falls silent
     /// within one TTL.
     #[arg(long, default_value_t = 0.5, value_parser = parse_share)]
@@ -151,6 +159,29 @@ impl Settings {
         })
     }
 
+    /// TTL and deletion for instances that leave them unset; refuses what the CRD would refuse.
+    pub fn defaults(&self) -> Result<liveness::Defaults> {
+        let ttl = self.default_ttl;
+        if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&ttl) {
+            return Err(Error::Invalid(format!(
+                "--default-ttl must be between 1s and 1h (as ttlSeconds); got {ttl:?}"
+            )));
+        }
+        if let Some(after) = self.default_delete_after
+            && !after.is_zero()
+            && (after < ttl || after > Duration::from_secs(604_800))
+        {
+            return Err(Error::Invalid(format!(
+                "--default-delete-after must be 0s (never delete) or between --default-ttl \
+                 ({ttl:?}) and 7 days (as deleteAfterSeconds); got {after:?}"
+            )));
+        }
+        Ok(liveness::Defaults {
+            ttl,
+            delete_after: self.default_delete_after,
+        })
+    }
+
     pub fn protection(&self) -> protection::Settings {
         protection::Settings {
             service: protection::Threshold {
@@ -193,6 +224,8 @@ pub struct Context {
     recorder: Recorder,
     leases: Store<Lease>,
     views: Arc<Views>,
+    /// TTL and deletion for instances that leave them unset.
+    defaults: liveness::Defaults,
 }
 
 /// What the watch streams tell the reconciler: when they last (re)started, whether the Lease
@@ -496,6 +529,7 @@ fn instances(client: Client, namespace: Option<&str>) -> Api<ServiceInstance> {
 /// fresh observations), which is what gives every instance a full TTL after a leader change.
 pub async fn run(settings: &Settings, shutdown: CancellationToken) -> Result<()> {
     let election = settings.election()?;
+    settings.defaults()?;
     let (client, url) = connect(settings.kubeconfig.as_ref(), settings.context.as_ref()).await?;
     preflight(&client, &url, settings.namespace.as_deref()).await?;
 
@@ -505,7 +539,7 @@ pub async fn run(settings: &Settings, shutdown: CancellationToken) -> Result<()>
         ready: Arc::default(),
     };
     let (addr, serve) = server::bind(&settings.http_addr, health.clone(), shutdown.clone()).await?;
-    tracing::info!(%addr, "serving /healthz, /readyz and /metrics");
+    tracing::info!(%addr, version = crate::version(), "serving /healthz, /readyz and /metrics");
     let serve = tokio::spawn(serve);
 
     let identity = election.identity.clone();
@@ -866,6 +900,7 @@ async fn lead(settings: &Settings, process: &Process, term: &CancellationToken) 
         metrics: metrics.clone(),
         leases: lease_reader,
         views,
+        defaults: settings.defaults()?,
     });
     let run = controller
         .graceful_shutdown_on(term.clone().cancelled_owned())
@@ -946,10 +981,7 @@ async fn reconcile(si: Arc<ServiceInstance>, ctx: Arc<Context>) -> Result<Action
     if heartbeat {
         ctx.metrics.heartbeat_observed();
     }
-    let timing = Timing {
-        ttl: si.spec.ttl(),
-        delete_after: si.spec.delete_after(),
-    };
+    let timing = Timing::of(&si.spec, &ctx.defaults);
     // What the status says now: what we last wrote when we have it (the cache may not have
     // caught up with our own writes yet), else the cache's.
     let baseline = views
@@ -1024,11 +1056,12 @@ async fn reconcile(si: Arc<ServiceInstance>, ctx: Arc<Context>) -> Result<Action
         }
     });
     if judgement.liveness == Liveness::Expired && protection.is_none() {
-        return expire(&si, &namespace, &uid, cached_renewal, &ctx).await;
+        return expire(&si, timing, &namespace, &uid, cached_renewal, &ctx).await;
     }
 
     let desired = status::desired(
         &si,
+        timing,
         Some(&baseline),
         judgement.liveness,
         &problems,
@@ -1079,7 +1112,7 @@ async fn reconcile(si: Arc<ServiceInstance>, ctx: Arc<Context>) -> Result<Action
                     secondary: None,
                 }
             } else {
-                transition_event(&si, phase)
+                transition_event(timing, phase)
             };
             publish(&ctx, &si, event).await;
         }
@@ -1216,6 +1249,7 @@ async fn announce(
 /// first and a renewal the cache has not delivered yet cancels the deletion.
 async fn expire(
     si: &ServiceInstance,
+    timing: Timing,
     namespace: &str,
     uid: &str,
     cached_renewal: Option<String>,
@@ -1243,11 +1277,7 @@ async fn expire(
     match api.delete(&name, &params).await {
         Ok(_) => {
             ctx.metrics.expired();
-            let after = si
-                .spec
-                .delete_after()
-                .map(|d| d.as_secs())
-                .unwrap_or_default();
+            let after = timing.delete_after.unwrap_or_default().as_secs();
             tracing::info!(%namespace, %name, after_seconds = after, "expired: deleted");
             let event = Event {
                 type_: EventType::Warning,
@@ -1273,8 +1303,8 @@ async fn expire(
     }
 }
 
-fn transition_event(si: &ServiceInstance, phase: Phase) -> Event {
-    let ttl = si.spec.ttl_seconds;
+fn transition_event(timing: Timing, phase: Phase) -> Event {
+    let ttl = timing.ttl.as_secs();
     let (type_, reason, note) = match phase {
         Phase::Pending => (
             EventType::Normal,

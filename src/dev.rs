@@ -15,6 +15,7 @@ use crate::{
     api::{ServiceInstance, install_crd},
     control_plane::{ControlPlane, Options},
     controller::{self, Settings},
+    liveness,
     names::HEARTBEAT_ANNOTATION,
 };
 
@@ -97,7 +98,10 @@ pub async fn run(args: DevArgs, shutdown: CancellationToken) -> Result<()> {
 
     // The example heartbeats from here, every TTL/3, so the tour shows a Ready instance.
     let beats = Api::<ServiceInstance>::namespaced(client, &namespace);
-    let (name, every) = (example.name_any(), example.spec.ttl() / 3);
+    let (name, every) = (
+        example.name_any(),
+        liveness::Timing::of(&example.spec, &liveness::Defaults::default()).ttl / 3,
+    );
     let stop = shutdown.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(every);

@@ -23,3 +23,17 @@ pub mod status;
 pub mod telemetry;
 
 pub use error::{Error, Result};
+
+/// The version and the commit the binary was built from. The commit is stamped at build time
+/// through `ROSTER_COMMIT` (the Dockerfile passes its `COMMIT` build argument), which keeps the
+/// build free of a build script and of a dependency on `.git`.
+pub fn version() -> &'static str {
+    static VERSION: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        format!(
+            "{} (commit {})",
+            env!("CARGO_PKG_VERSION"),
+            option_env!("ROSTER_COMMIT").unwrap_or("unknown")
+        )
+    });
+    &VERSION
+}

@@ -37,6 +37,48 @@ pub struct Timing {
     pub delete_after: Option<Duration>,
 }
 
+/// What an instance gets when its spec leaves `ttlSeconds` or `deleteAfterSeconds` out: set per
+/// installation (`--default-ttl`, `--default-delete-after`), not in the CRD, so one chart value
+/// changes it for every instance that did not choose.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Defaults {
+    pub ttl: Duration,
+    /// `None`: three TTLs (Eureka's and Nacos' ratio); `Some(ZERO)`: never delete.
+    pub delete_after: Option<Duration>,
+}
+
+impl Default for Defaults {
+    fn default() -> Self {
+        Defaults {
+            ttl: Duration::from_secs(30),
+            delete_after: None,
+        }
+    }
+}
+
+impl Timing {
+    /// The timing of an instance: its own fields where set, else the installation's defaults.
+    /// Deletion never comes before the TTL (the CRD enforces that for explicit values; a
+    /// default TTL longer than an explicit deleteAfterSeconds is clamped here).
+    pub fn of(spec: &crate::api::ServiceInstanceSpec, defaults: &Defaults) -> Timing {
+        let secs = |s: i32| Duration::from_secs(u64::try_from(s).unwrap_or(0));
+        let ttl = spec
+            .ttl_seconds
+            .map_or(defaults.ttl, secs)
+            .max(Duration::from_secs(1));
+        let delete_after = match spec.delete_after_seconds.map(secs) {
+            Some(explicit) => Some(explicit),
+            None => defaults.delete_after,
+        };
+        let delete_after = match delete_after {
+            Some(Duration::ZERO) => None,
+            Some(d) => Some(d.max(ttl)),
+            None => Some(ttl * 3),
+        };
+        Timing { ttl, delete_after }
+    }
+}
+
 /// What this controller has observed of one instance.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Observed {
@@ -255,6 +297,40 @@ mod tests {
         ttl: Duration::from_secs(30),
         delete_after: Some(Duration::from_secs(90)),
     };
+
+    #[test]
+    fn timing_takes_the_spec_first_then_the_installation_defaults() {
+        let d = |s: u64| Duration::from_secs(s);
+        let installed = |ttl: u64, after: Option<u64>| Defaults {
+            ttl: d(ttl),
+            delete_after: after.map(d),
+        };
+        // (spec ttl, spec deleteAfter, defaults) -> (ttl, deletion)
+        let table = [
+            (None, None, Defaults::default(), (30, Some(90))),
+            (Some(10), None, Defaults::default(), (10, Some(30))),
+            (None, None, installed(5, None), (5, Some(15))),
+            (None, None, installed(5, Some(60)), (5, Some(60))),
+            (None, None, installed(5, Some(0)), (5, None)),
+            (Some(10), Some(0), installed(5, Some(60)), (10, None)),
+            (Some(10), Some(40), installed(5, Some(0)), (10, Some(40))),
+            // An explicit deletion shorter than the default TTL waits for the TTL.
+            (None, Some(10), installed(60, None), (60, Some(60))),
+            // A default deletion shorter than an explicit TTL waits for the TTL.
+            (Some(120), None, installed(5, Some(60)), (120, Some(120))),
+        ];
+        for (ttl, after, defaults, (want_ttl, want_after)) in table {
+            let mut spec = crate::api::ServiceInstanceSpec::new("web", "10.0.0.1", vec![]);
+            spec.ttl_seconds = ttl;
+            spec.delete_after_seconds = after;
+            let timing = Timing::of(&spec, &defaults);
+            assert_eq!(
+                (timing.ttl, timing.delete_after),
+                (d(want_ttl), want_after.map(d)),
+                "ttl {ttl:?}, deleteAfter {after:?}, {defaults:?}"
+            );
+        }
+    }
 
     #[test]
     fn judge_table() {

@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 /// Roster: a service registry for Kubernetes.
 #[derive(Parser)]
-#[command(version, about)]
+#[command(version = roster::version(), about)]
 struct Cli {
     /// Log format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "ROSTER_LOG_FORMAT")]

@@ -10,7 +10,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use crate::{
     api::{Phase, ServiceInstance, ServiceInstanceStatus},
-    liveness::{Liveness, Prior},
+    liveness::{Liveness, Prior, Timing},
     probe::Verdict,
 };
 
@@ -88,6 +88,7 @@ pub fn health_check_prior(status: Option<&ServiceInstanceStatus>) -> Verdict {
 /// written, which the cache may not show yet). `now` stamps conditions that change.
 pub fn desired(
     si: &ServiceInstance,
+    timing: Timing,
     current: Option<&ServiceInstanceStatus>,
     liveness: Liveness,
     problems: &SignalProblems,
@@ -95,8 +96,8 @@ pub fn desired(
 ) -> ServiceInstanceStatus {
     let spec = &si.spec;
     let generation = si.metadata.generation;
-    let ttl = spec.ttl_seconds;
-    let deletion = match spec.delete_after() {
+    let ttl = timing.ttl.as_secs();
+    let deletion = match timing.delete_after {
         Some(d) => format!("deleted after {} s of silence", d.as_secs()),
         None => "never deleted (deleteAfterSeconds: 0)".to_string(),
     };
@@ -153,7 +154,7 @@ pub fn desired(
         (Phase::Unhealthy, _) => (
             "False",
             "HeartbeatSilent",
-            format!("No heartbeat observed for {ttl} s (ttlSeconds); {deletion}"),
+            format!("No heartbeat observed for {ttl} s (the TTL); {deletion}"),
         ),
     };
     let (hb, hb_reason, hb_message) = if problems.lease_missing {
@@ -314,6 +315,12 @@ pub fn set_condition(conditions: &[Condition], new: Condition) -> Vec<Condition>
 mod tests {
     use super::*;
     use crate::api::{InstancePort, ServiceInstanceSpec};
+    use std::time::Duration;
+
+    const T: Timing = Timing {
+        ttl: Duration::from_secs(30),
+        delete_after: Some(Duration::from_secs(90)),
+    };
 
     fn at(secs: i64) -> Timestamp {
         Timestamp::from_second(secs).unwrap_or(Timestamp::UNIX_EPOCH)
@@ -350,6 +357,7 @@ mod tests {
     fn alive(si: &ServiceInstance, now: Timestamp) -> ServiceInstanceStatus {
         desired(
             si,
+            T,
             si.status.as_ref(),
             Liveness::Alive,
             &SignalProblems::default(),
@@ -428,7 +436,7 @@ mod tests {
         for (liveness, draining, phase, ready, reason, hb) in cases {
             let mut si = instance();
             si.spec.draining = draining;
-            let s = desired(&si, si.status.as_ref(), liveness, &none, at(100));
+            let s = desired(&si, T, si.status.as_ref(), liveness, &none, at(100));
             assert_eq!(s.phase, Some(phase), "{liveness:?} draining={draining}");
             assert_eq!(condition(&s, READY).status, ready);
             assert_eq!(condition(&s, READY).reason, reason);
@@ -445,7 +453,7 @@ mod tests {
             lease_missing: true,
             ..Default::default()
         };
-        let s = desired(&si, si.status.as_ref(), Liveness::Pending, &lease, at(1));
+        let s = desired(&si, T, si.status.as_ref(), Liveness::Pending, &lease, at(1));
         let c = condition(&s, HEARTBEATING);
         assert_eq!(c.reason, "LeaseNotFound");
         assert!(c.message.contains("\"web-1\""), "{}", c.message);
@@ -453,7 +461,7 @@ mod tests {
             annotation_not_timestamp: true,
             ..Default::default()
         };
-        let s = desired(&instance(), None, Liveness::Alive, &annotation, at(1));
+        let s = desired(&instance(), T, None, Liveness::Alive, &annotation, at(1));
         assert_eq!(condition(&s, HEARTBEATING).reason, "HeartbeatNotTimestamp");
         assert_eq!(condition(&s, HEARTBEATING).status, "True");
     }
@@ -469,18 +477,19 @@ mod tests {
             ..Default::default()
         };
         for liveness in [Liveness::Silent, Liveness::Expired] {
-            let held = desired(&si, None, liveness, &protected(true), at(1));
+            let held = desired(&si, T, None, liveness, &protected(true), at(1));
             assert_eq!(held.phase, Some(Phase::Ready));
             assert_eq!(condition(&held, READY).reason, "Protected");
             assert_eq!(condition(&held, HEARTBEATING).status, "False");
             assert_eq!(condition(&held, PROTECTED).message, "6 of 10 fell silent");
             // Deletion frozen, readiness not held: Unhealthy, and says why it is still there.
-            let frozen = desired(&si, None, liveness, &protected(false), at(1));
+            let frozen = desired(&si, T, None, liveness, &protected(false), at(1));
             assert_eq!(frozen.phase, Some(Phase::Unhealthy));
             assert_eq!(condition(&frozen, PROTECTED).status, "True");
             // Released: the condition goes.
             let released = desired(
                 &si,
+                T,
                 Some(&held),
                 liveness,
                 &SignalProblems::default(),
@@ -490,7 +499,7 @@ mod tests {
             assert!(released.conditions.iter().all(|c| c.type_ != PROTECTED));
         }
         // A live instance is not changed by holding.
-        let alive = desired(&si, None, Liveness::Alive, &protected(true), at(1));
+        let alive = desired(&si, T, None, Liveness::Alive, &protected(true), at(1));
         assert_eq!(condition(&alive, READY).reason, "Heartbeating");
     }
 
@@ -504,6 +513,7 @@ mod tests {
         // A transition changes it, and moves the transition time.
         let silent = desired(
             &si,
+            T,
             si.status.as_ref(),
             Liveness::Silent,
             &SignalProblems::default(),

@@ -125,6 +125,9 @@ impl ControlPlane {
             "--service-cluster-ip-range=10.96.0.0/16".into(),
             "--allow-privileged=true".into(),
             "--disable-admission-plugins=ServiceAccount".into(),
+            // As OpenShift does: setting blockOwnerDeletion needs the owner's finalizers
+            // permission, so the chart's RBAC is proven against the stricter cluster.
+            "--enable-admission-plugins=OwnerReferencesPermissionEnforcement".into(),
             "--authorization-mode=RBAC".into(),
             format!("--token-auth-file={}", tokens.display()),
             "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),

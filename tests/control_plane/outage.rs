@@ -82,7 +82,7 @@ fn instance(name: &str) -> ServiceInstance {
         "10.20.0.11",
         vec![InstancePort::tcp("http", 8080)],
     );
-    spec.ttl_seconds = TTL;
+    spec.ttl_seconds = Some(TTL);
     spec.delete_after_seconds = Some(DELETE_AFTER);
     ServiceInstance::new(name, spec)
 }

@@ -74,7 +74,7 @@ async fn an_instance_the_controller_cannot_decode_is_reported_and_skipped() {
     let api: Api<ServiceInstance> = Api::namespaced(client.clone(), "default");
     let mut spec =
         ServiceInstanceSpec::new("web", "10.0.0.10", vec![InstancePort::tcp("http", 80)]);
-    spec.ttl_seconds = 5;
+    spec.ttl_seconds = Some(5);
     api.create(&PostParams::default(), &ServiceInstance::new("good", spec))
         .await
         .expect("create a good instance");

@@ -30,7 +30,7 @@ fn instance(name: &str, port: u16, check: serde_json::Value) -> ServiceInstance 
         "127.0.0.1",
         vec![InstancePort::tcp("app", i32::from(port))],
     );
-    spec.ttl_seconds = 3600;
+    spec.ttl_seconds = Some(3600);
     spec.delete_after_seconds = Some(0);
     if !check.is_null() {
         spec.health_check = Some(serde_json::from_value(check).expect("health check"));

@@ -23,7 +23,7 @@ pub(crate) fn instance(name: &str, ttl: i32, delete_after: i32) -> ServiceInstan
         "10.20.0.11",
         vec![InstancePort::tcp("http", 8080)],
     );
-    spec.ttl_seconds = ttl;
+    spec.ttl_seconds = Some(ttl);
     spec.delete_after_seconds = Some(delete_after);
     ServiceInstance::new(name, spec)
 }

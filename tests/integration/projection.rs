@@ -27,7 +27,7 @@ fn instance(service: &str, name: &str, address: &str) -> ServiceInstance {
     let mut spec =
         ServiceInstanceSpec::new(service, address, vec![InstancePort::tcp("http", 8080)]);
     // One heartbeat keeps it Ready for the whole test, however long a loaded machine takes.
-    spec.ttl_seconds = 3600;
+    spec.ttl_seconds = Some(3600);
     spec.delete_after_seconds = Some(0);
     let mut si = ServiceInstance::new(name, spec);
     // Registered with a heartbeat: Ready at once.

@@ -190,6 +190,9 @@ async fn invalid_instances_are_refused_with_clear_messages() {
         // Loopback is accepted (local development, tests) but never put in an EndpointSlice.
         ("loopback", with("address", json!("127.0.0.1"))),
         ("persistent", with("deleteAfterSeconds", json!(0))),
+        // Without ttlSeconds the installation's default TTL applies, and the controller never
+        // deletes before it.
+        ("short-deletion", with("deleteAfterSeconds", json!(5))),
     ] {
         if let Some(status) = create(&api, name, spec).await {
             panic!("{name} refused: {}", status.message);
@@ -201,6 +204,6 @@ async fn invalid_instances_are_refused_with_clear_messages() {
         .expect("get");
     assert_eq!(
         (si.spec.weight, si.spec.ttl_seconds, si.spec.draining),
-        (100, 30, false)
+        (100, None, false)
     );
 }
