@@ -1,0 +1,168 @@
+//! No image can be built here (no container engine), so the Dockerfile's build stage is replayed:
+//! its COPY instructions into a fresh directory, then every cargo command it runs, with its ENV.
+//! A source file the build needs but the Dockerfile does not copy, or a changed build command
+//! that no longer produces the binary the final stage copies, fails this test.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+const REPO: &str = env!("CARGO_MANIFEST_DIR");
+
+/// One instruction: its keyword and its arguments, continuation lines joined.
+fn instructions(dockerfile: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut current = String::new();
+    for line in dockerfile.lines() {
+        let line = line.trim();
+        if current.is_empty() && (line.is_empty() || line.starts_with('#')) {
+            continue;
+        }
+        match line.strip_suffix('\\') {
+            Some(part) => {
+                current.push_str(part);
+                current.push(' ');
+            }
+            None => {
+                current.push_str(line);
+                let (keyword, args) = current.split_once(' ').unwrap_or((&current, ""));
+                out.push((keyword.to_uppercase(), args.trim().to_string()));
+                current.clear();
+            }
+        }
+    }
+    out
+}
+
+/// `ENV a=b c="d e"` as pairs.
+fn env_pairs(args: &str) -> Vec<(String, String)> {
+    let mut pairs = Vec::new();
+    let mut rest = args.trim();
+    while let Some((key, after)) = rest.split_once('=') {
+        let (value, next) = match after.strip_prefix('"') {
+            Some(quoted) => {
+                let end = quoted.find('"').expect("closing quote in ENV");
+                (&quoted[..end], &quoted[end + 1..])
+            }
+            None => after.split_once(' ').unwrap_or((after, "")),
+        };
+        pairs.push((key.trim().to_string(), value.to_string()));
+        rest = next.trim();
+    }
+    pairs
+}
+
+fn copy_into(from: &Path, to: &Path) {
+    if from.is_dir() {
+        std::fs::create_dir_all(to).expect("create directory");
+        for entry in std::fs::read_dir(from).expect("read directory") {
+            let entry = entry.expect("directory entry");
+            copy_into(&entry.path(), &to.join(entry.file_name()));
+        }
+    } else {
+        if let Some(parent) = to.parent() {
+            std::fs::create_dir_all(parent).expect("create directory");
+        }
+        std::fs::copy(from, to).unwrap_or_else(|e| panic!("copy {}: {e}", from.display()));
+    }
+}
+
+#[test]
+fn the_dockerfile_build_stage_builds_a_stamped_binary_from_what_it_copies() {
+    let dockerfile = std::fs::read_to_string(Path::new(REPO).join("Dockerfile")).expect("read");
+    let all = instructions(&dockerfile);
+    let stages: Vec<usize> = all
+        .iter()
+        .enumerate()
+        .filter(|(_, (k, _))| k == "FROM")
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(stages.len(), 2, "a build stage and a runtime stage");
+    let build = &all[stages[0]..stages[1]];
+    let runtime = &all[stages[1]..];
+    assert!(build[0].1.ends_with(" AS build"), "{:?}", build[0]);
+    assert_eq!(runtime[0].1, "scratch", "a minimal runtime image");
+
+    let context = tempdir("context");
+    let mut workdir = PathBuf::from("/");
+    let mut env = BTreeMap::new();
+    let commit = "0123456789abcdef";
+    env.insert("COMMIT".to_string(), commit.to_string());
+    let mut cargo_runs = 0;
+    let target = Path::new(REPO).join("target").join("dockerfile");
+    for (keyword, args) in build {
+        match keyword.as_str() {
+            "WORKDIR" => workdir = workdir.join(args),
+            "ENV" => env.extend(env_pairs(args)),
+            "COPY" => {
+                let parts: Vec<&str> = args.split_whitespace().collect();
+                let (dest, sources) = parts.split_last().expect("COPY has a destination");
+                let dest = context.join(workdir.join(dest).strip_prefix("/").expect("absolute"));
+                for source in sources {
+                    let from = Path::new(REPO).join(source);
+                    let name = from.file_name().expect("a named source");
+                    // `COPY dir ./dir` copies the directory's contents; `COPY f ./d/` into d.
+                    let to = if sources.len() > 1 || dest.to_string_lossy().ends_with('/') {
+                        dest.join(name)
+                    } else {
+                        dest.clone()
+                    };
+                    copy_into(&from, &to);
+                }
+            }
+            "RUN" if args.contains("cargo ") => {
+                cargo_runs += 1;
+                let dir = context.join(workdir.strip_prefix("/").expect("absolute"));
+                let status = Command::new("sh")
+                    .args(["-ec", args])
+                    .current_dir(&dir)
+                    .envs(&env)
+                    // Kept apart from the test build's target directory (other RUSTFLAGS), and
+                    // kept across runs like the image's dependency layer.
+                    .env("CARGO_TARGET_DIR", &target)
+                    .status()
+                    .expect("run sh");
+                assert!(status.success(), "`{args}` failed: {status}");
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(cargo_runs, 2, "a dependency layer, then the build");
+
+    // The runtime stage copies what the build produced, from where it produced it.
+    let copied = runtime
+        .iter()
+        .find(|(k, a)| k == "COPY" && a.starts_with("--from=build"))
+        .map(|(_, a)| a.split_whitespace().nth(1).expect("a source").to_string())
+        .expect("the runtime stage copies the binary");
+    assert_eq!(Path::new(&copied), workdir.join("target/release/roster"));
+    let binary = target.join("release/roster");
+    let version = Command::new(&binary)
+        .arg("--version")
+        .output()
+        .expect("run the built binary");
+    let version = String::from_utf8_lossy(&version.stdout);
+    assert_eq!(
+        version.trim(),
+        format!("roster {} (commit {commit})", env!("CARGO_PKG_VERSION"))
+    );
+    // It runs as the chart's non-root user.
+    assert!(
+        runtime
+            .iter()
+            .any(|(k, a)| k == "USER" && a == "65532:65532")
+    );
+    let _ = std::fs::remove_dir_all(&context);
+}
+
+fn tempdir(what: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "roster-{what}-{}-{}",
+        std::process::id(),
+        jiff::Timestamp::now().as_nanosecond()
+    ));
+    std::fs::create_dir_all(&dir).expect("create a temporary directory");
+    dir
+}
