@@ -5,6 +5,7 @@
 
 use std::{
     collections::BTreeMap,
+    hash::{DefaultHasher, Hash, Hasher},
     path::{Path, PathBuf},
     process::Command,
 };
@@ -54,14 +55,21 @@ fn env_pairs(args: &str) -> Vec<(String, String)> {
     pairs
 }
 
-fn copy_into(from: &Path, to: &Path) {
+/// Copies a file or a directory tree, hashing names and contents into the layer's key.
+fn copy_into(from: &Path, to: &Path, layer: &mut DefaultHasher) {
     if from.is_dir() {
         std::fs::create_dir_all(to).expect("create directory");
-        for entry in std::fs::read_dir(from).expect("read directory") {
-            let entry = entry.expect("directory entry");
-            copy_into(&entry.path(), &to.join(entry.file_name()));
+        let mut entries: Vec<_> = std::fs::read_dir(from)
+            .expect("read directory")
+            .map(|e| e.expect("directory entry"))
+            .collect();
+        entries.sort_by_key(std::fs::DirEntry::file_name);
+        for entry in entries {
+            entry.file_name().hash(layer);
+            copy_into(&entry.path(), &to.join(entry.file_name()), layer);
         }
     } else {
+        std::fs::read(from).expect("read a copied file").hash(layer);
         if let Some(parent) = to.parent() {
             std::fs::create_dir_all(parent).expect("create directory");
         }
@@ -92,28 +100,39 @@ fn the_dockerfile_build_stage_builds_a_stamped_binary_from_what_it_copies() {
     env.insert("COMMIT".to_string(), commit.to_string());
     let mut cargo_runs = 0;
     let target = Path::new(REPO).join("target").join("dockerfile");
+    // Layer caching as Docker does it: a RUN is skipped when every instruction before it, and
+    // every file copied before it, is what it was when it last succeeded. So an unchanged
+    // Dockerfile and source tree cost nothing, and any change that could break the build runs it.
+    let mut layer = DefaultHasher::new();
     for (keyword, args) in build {
+        (keyword, args).hash(&mut layer);
         match keyword.as_str() {
             "WORKDIR" => workdir = workdir.join(args),
             "ENV" => env.extend(env_pairs(args)),
             "COPY" => {
                 let parts: Vec<&str> = args.split_whitespace().collect();
                 let (dest, sources) = parts.split_last().expect("COPY has a destination");
+                let into_dir = sources.len() > 1 || dest.ends_with('/');
                 let dest = context.join(workdir.join(dest).strip_prefix("/").expect("absolute"));
                 for source in sources {
                     let from = Path::new(REPO).join(source);
                     let name = from.file_name().expect("a named source");
                     // `COPY dir ./dir` copies the directory's contents; `COPY f ./d/` into d.
-                    let to = if sources.len() > 1 || dest.to_string_lossy().ends_with('/') {
+                    let to = if into_dir {
                         dest.join(name)
                     } else {
                         dest.clone()
                     };
-                    copy_into(&from, &to);
+                    copy_into(&from, &to, &mut layer);
                 }
             }
             "RUN" if args.contains("cargo ") => {
                 cargo_runs += 1;
+                let marker = target.join(format!("layer-{cargo_runs}"));
+                let key = format!("{:x}", layer.finish());
+                if std::fs::read_to_string(&marker).is_ok_and(|k| k == key) {
+                    continue;
+                }
                 let dir = context.join(workdir.strip_prefix("/").expect("absolute"));
                 let status = Command::new("sh")
                     .args(["-ec", args])
@@ -125,6 +144,7 @@ fn the_dockerfile_build_stage_builds_a_stamped_binary_from_what_it_copies() {
                     .status()
                     .expect("run sh");
                 assert!(status.success(), "`{args}` failed: {status}");
+                std::fs::write(&marker, key).expect("record the layer");
             }
             _ => {}
         }
