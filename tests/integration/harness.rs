@@ -32,6 +32,37 @@ use tokio_util::sync::CancellationToken;
 /// The `roster` binary built for this test run.
 pub const ROSTER: &str = env!("CARGO_BIN_EXE_roster");
 
+/// The phase in an instance's status, if it has one.
+pub fn phase(si: Option<&ServiceInstance>) -> Option<roster::api::Phase> {
+    si.and_then(|si| si.status.as_ref()).and_then(|s| s.phase)
+}
+
+/// (status, reason) of an instance's condition; empty when it has none of that type.
+pub fn condition(si: &ServiceInstance, type_: &str) -> (String, String) {
+    si.status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == type_))
+        .map(|c| (c.status.clone(), c.reason.clone()))
+        .unwrap_or_default()
+}
+
+/// Waits until the instance reaches `want`, and returns it.
+pub async fn await_phase(
+    api: &Api<ServiceInstance>,
+    name: &str,
+    want: roster::api::Phase,
+    timeout: Duration,
+) -> ServiceInstance {
+    wait_for(
+        api,
+        name,
+        &format!("phase {want:?}"),
+        timeout,
+        move |si: Option<&ServiceInstance>| phase(si) == Some(want),
+    )
+    .await
+}
+
 /// A control plane started by the harness, stopped when its stdin closes.
 pub struct LocalControlPlane {
     pub kubeconfig: PathBuf,
@@ -180,23 +211,27 @@ impl TestNamespace {
 
 impl Drop for TestNamespace {
     fn drop(&mut self) {
-        let (name, kubeconfig) = (self.name.clone(), self.kubeconfig.clone());
-        // Drop cannot await; a short-lived runtime on its own thread does the delete.
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .ok()?;
-            rt.block_on(async {
-                let client = roster::control_plane::client_for(&kubeconfig).await.ok()?;
-                Api::<Namespace>::all(client)
-                    .delete(&name, &DeleteParams::background())
-                    .await
-                    .ok()
-            })
-        })
-        .join();
+        delete_namespace_from_drop(self.kubeconfig.clone(), self.name.clone());
     }
+}
+
+/// Deletes a namespace from a `Drop` (which cannot await): a short-lived runtime on its own
+/// thread does the delete.
+pub fn delete_namespace_from_drop(kubeconfig: PathBuf, name: String) {
+    let _ = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .ok()?;
+        rt.block_on(async {
+            let client = roster::control_plane::client_for(&kubeconfig).await.ok()?;
+            Api::<Namespace>::all(client)
+                .delete(&name, &DeleteParams::background())
+                .await
+                .ok()
+        })
+    })
+    .join();
 }
 
 /// Waits until `condition` holds for the object `name`, or fails the test with the last state

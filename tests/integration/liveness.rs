@@ -28,35 +28,8 @@ pub(crate) fn instance(name: &str, ttl: i32, delete_after: i32) -> ServiceInstan
     ServiceInstance::new(name, spec)
 }
 
-pub(crate) fn phase(si: Option<&ServiceInstance>) -> Option<Phase> {
-    si.and_then(|si| si.status.as_ref()).and_then(|s| s.phase)
-}
+pub(crate) use crate::harness::{await_phase, condition, phase};
 
-pub(crate) fn condition(si: &ServiceInstance, type_: &str) -> (String, String) {
-    si.status
-        .as_ref()
-        .and_then(|s| s.conditions.iter().find(|c| c.type_ == type_))
-        .map(|c| (c.status.clone(), c.reason.clone()))
-        .unwrap_or_default()
-}
-
-pub(crate) async fn await_phase(
-    api: &Api<ServiceInstance>,
-    name: &str,
-    want: Phase,
-    timeout: Duration,
-) -> ServiceInstance {
-    wait_for(
-        api,
-        name,
-        &format!("phase {want:?}"),
-        timeout,
-        move |si: Option<&ServiceInstance>| phase(si) == Some(want),
-    )
-    .await
-}
-
-/// One heartbeat: a new RFC 3339 value of the annotation. Returns when the apiserver took it.
 pub(crate) async fn heartbeat(api: &Api<ServiceInstance>, name: &str) -> Instant {
     let value = jiff::Timestamp::now().to_string();
     let patch = json!({"metadata": {"annotations": {"roster.dev/heartbeat": value}}});

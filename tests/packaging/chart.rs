@@ -27,7 +27,7 @@ use kube::{
     config::{AuthInfo, Kubeconfig},
     discovery::Discovery,
 };
-use roster::api::{InstancePort, ServiceInstance, ServiceInstanceSpec};
+use roster::api::{InstancePort, Phase, ServiceInstance, ServiceInstanceSpec};
 use serde_json::{Value, json};
 
 use crate::harness::{self, Beats, ControllerProcess, LocalControlPlane};
@@ -359,14 +359,11 @@ async fn service_account_kubeconfig(
 }
 
 /// The controller as the Deployment runs it: the chart's arguments (bar the listen address,
-/// which must stay on loopback here), under the chart's ServiceAccount.
-async fn controller_as_deployed(
-    client: &Client,
-    kubeconfig: &Path,
-    release: &str,
-) -> ControllerProcess {
+/// which must stay on loopback here), under the chart's ServiceAccount; returned once it leads.
+async fn run_as_deployed(cp: &LocalControlPlane, client: &Client) -> ControllerProcess {
+    let kubeconfig = service_account_kubeconfig(&cp.kubeconfig, client, RELEASE_NS, "roster").await;
     let deployment = Api::<Deployment>::namespaced(client.clone(), RELEASE_NS)
-        .get(release)
+        .get("roster")
         .await
         .expect("the Deployment");
     let container = &deployment
@@ -386,7 +383,13 @@ async fn controller_as_deployed(
         format!("--kubeconfig={}", kubeconfig.display()),
     ]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    ControllerProcess::spawn(&args)
+    let controller = ControllerProcess::spawn(&args);
+    controller
+        .await_output("became leader", WAIT, |log| {
+            log.contains("became leader").then_some(())
+        })
+        .await;
+    controller
 }
 
 struct Access<'a> {
@@ -555,7 +558,7 @@ async fn core_scenario(client: &Client, controller: &ControllerProcess, ns: &str
         .expect("register an instance");
     let mut beats = Beats::new(&api, Duration::from_millis(400));
     beats.start("web-1");
-    await_phase(&api, "web-1", "Ready").await;
+    harness::await_phase(&api, "web-1", Phase::Ready, WAIT).await;
 
     // Projected: a ready endpoint in the Service's slice, and the ConfigMap's JSON.
     let slices = Api::<EndpointSlice>::namespaced(client.clone(), ns);
@@ -581,7 +584,7 @@ async fn core_scenario(client: &Client, controller: &ControllerProcess, ns: &str
 
     // Silent: unhealthy after the default TTL, deleted after three, and unprojected.
     beats.stop("web-1");
-    await_phase(&api, "web-1", "Unhealthy").await;
+    harness::await_phase(&api, "web-1", Phase::Unhealthy, WAIT).await;
     let uid = si.uid().expect("a uid");
     harness::wait_deleted(&api, "web-1", &uid, WAIT).await;
     let services = Api::<Service>::namespaced(client.clone(), ns);
@@ -594,17 +597,6 @@ async fn core_scenario(client: &Client, controller: &ControllerProcess, ns: &str
         !log.to_lowercase().contains("forbidden"),
         "the controller was refused something:\n{log}"
     );
-}
-
-async fn await_phase(api: &Api<ServiceInstance>, name: &str, phase: &str) {
-    poll(&format!("{name} to become {phase}"), || async {
-        api.get(name).await.is_ok_and(|si| {
-            si.status
-                .and_then(|s| s.phase)
-                .is_some_and(|p| format!("{p:?}") == phase)
-        })
-    })
-    .await;
 }
 
 /// Awaits a condition, asking every 100 ms, for at most [`WAIT`].
@@ -658,14 +650,7 @@ async fn installed_cluster_wide_its_service_account_runs_the_core_scenario_and_n
         .expect("the chart installed the CRD");
 
     create_namespace(&client, "shop").await;
-    let kubeconfig =
-        service_account_kubeconfig(&cp.kubeconfig, &client, RELEASE_NS, "roster").await;
-    let controller = controller_as_deployed(&client, &kubeconfig, "roster").await;
-    controller
-        .await_output("became leader", WAIT, |log| {
-            log.contains("became leader").then_some(())
-        })
-        .await;
+    let controller = run_as_deployed(&cp, &client).await;
     core_scenario(&client, &controller, "shop").await;
 
     let mut table = serving("shop");
@@ -704,14 +689,7 @@ async fn installed_for_one_namespace_it_reaches_no_other_and_upgrade_and_uninsta
         "--set",
         "registry.defaultTTL=2s",
     ]);
-    let kubeconfig =
-        service_account_kubeconfig(&cp.kubeconfig, &client, RELEASE_NS, "roster").await;
-    let mut controller = controller_as_deployed(&client, &kubeconfig, "roster").await;
-    controller
-        .await_output("became leader", WAIT, |log| {
-            log.contains("became leader").then_some(())
-        })
-        .await;
+    let mut controller = run_as_deployed(&cp, &client).await;
     core_scenario(&client, &controller, "team-a").await;
 
     let mut table = serving("team-a");

@@ -23,7 +23,7 @@ use kube::{
 use roster::api::{Phase, ServiceInstance};
 use serde_json::json;
 
-use crate::harness::{self, ControllerProcess, TestNamespace, wait_for};
+use crate::harness::{self, ControllerProcess, TestNamespace, condition, phase};
 
 const EXAMPLES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples");
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -114,27 +114,8 @@ async fn apply(client: &Client, file: &str, namespace: Option<&str>) -> Vec<Dyna
     applied
 }
 
-fn phase(si: Option<&ServiceInstance>) -> Option<Phase> {
-    si.and_then(|si| si.status.as_ref()).and_then(|s| s.phase)
-}
-
-fn condition(si: &ServiceInstance, type_: &str) -> (String, String) {
-    si.status
-        .as_ref()
-        .and_then(|s| s.conditions.iter().find(|c| c.type_ == type_))
-        .map(|c| (c.status.clone(), c.reason.clone()))
-        .unwrap_or_default()
-}
-
 async fn await_phase(api: &Api<ServiceInstance>, name: &str, want: Phase) -> ServiceInstance {
-    wait_for(
-        api,
-        name,
-        &format!("phase {want:?}"),
-        TIMEOUT,
-        move |si: Option<&ServiceInstance>| phase(si) == Some(want),
-    )
-    .await
+    harness::await_phase(api, name, want, TIMEOUT).await
 }
 
 /// Heartbeats with `beat` every 200 ms (the comments' TTL/3 loop, faster) until the instance
@@ -253,22 +234,7 @@ impl Drop for Shop {
         if !self.created {
             return;
         }
-        let kubeconfig = self.kubeconfig.clone();
-        // Drop cannot await; a short-lived runtime on its own thread does the delete.
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .ok()?;
-            rt.block_on(async {
-                let client = roster::control_plane::client_for(&kubeconfig).await.ok()?;
-                Api::<Namespace>::all(client)
-                    .delete(SHOP, &DeleteParams::background())
-                    .await
-                    .ok()
-            })
-        })
-        .join();
+        harness::delete_namespace_from_drop(self.kubeconfig.clone(), SHOP.to_string());
     }
 }
 
