@@ -181,6 +181,19 @@ impl ControlPlane {
         &self.server
     }
 
+    /// The directory holding its data, certificates and logs.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Process ids of kube-apiserver and etcd (the benchmark pauses them to stage outages).
+    pub fn pids(&self) -> (Option<u32>, Option<u32>) {
+        (
+            self.apiserver.as_ref().map(Child::id),
+            self.etcd.as_ref().map(Child::id),
+        )
+    }
+
     /// A client with the admin identity.
     pub async fn client(&self) -> Result<Client> {
         client_for(&self.kubeconfig).await

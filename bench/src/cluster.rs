@@ -1,0 +1,242 @@
+//! The control plane the benchmark runs on (with an audit log and kube-controller-manager's
+//! EndpointSlice controller as the peer), the identities each component runs under, and the
+//! controller as a separate process.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use k8s_openapi::api::{
+    authentication::v1::{TokenRequest, TokenRequestSpec},
+    coordination::v1::Lease,
+    core::v1::{Namespace, ServiceAccount},
+    rbac::v1::ClusterRoleBinding,
+};
+use kube::{
+    Api, Client,
+    api::PostParams,
+    config::{AuthInfo, Kubeconfig},
+};
+use roster::control_plane::{ControlPlane, Options};
+use serde_json::json;
+
+use crate::audit;
+
+/// Namespace of the benchmark's own identities and the controller's election Lease.
+pub const SYSTEM_NS: &str = "roster-bench";
+
+pub struct Cluster {
+    pub cp: ControlPlane,
+    pub admin: Client,
+    pub audit_log: PathBuf,
+}
+
+impl Cluster {
+    pub async fn start() -> Result<Cluster> {
+        let dir = std::env::temp_dir().join(format!("roster-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let policy = dir.join("audit-policy.yaml");
+        std::fs::write(&policy, audit::POLICY)?;
+        let audit_log = dir.join("audit.log");
+        let options = Options {
+            apiserver_args: vec![
+                format!("--audit-policy-file={}", policy.display()),
+                format!("--audit-log-path={}", audit_log.display()),
+                "--audit-log-maxsize=0".into(),
+                // The load generator is one client: do not let the default in-flight limits
+                // (400 mutating) become what is measured.
+                "--max-requests-inflight=2000".into(),
+                "--max-mutating-requests-inflight=1000".into(),
+            ],
+            controllers: vec!["endpointslice".into()],
+            ..Options::default()
+        };
+        let cp = ControlPlane::start(options).await?;
+        let admin = cp.client().await?;
+        roster::api::install_crd(&admin).await?;
+        create_namespace(&admin, SYSTEM_NS).await?;
+        Ok(Cluster {
+            cp,
+            admin,
+            audit_log,
+        })
+    }
+
+    /// A ServiceAccount of its own with a token from the TokenRequest API (bound to
+    /// cluster-admin: the benchmark measures cost, the chart's tests prove RBAC), and a
+    /// kubeconfig for it. Returns the kubeconfig and the audit log's user name.
+    pub async fn identity(&self, name: &str) -> Result<(PathBuf, String)> {
+        let accounts = Api::<ServiceAccount>::namespaced(self.admin.clone(), SYSTEM_NS);
+        let account: ServiceAccount = serde_json::from_value(json!({"metadata": {"name": name}}))?;
+        accounts.create(&PostParams::default(), &account).await?;
+        let user = format!("system:serviceaccount:{SYSTEM_NS}:{name}");
+        let binding: ClusterRoleBinding = serde_json::from_value(json!({
+            "metadata": {"name": format!("roster-bench-{name}")},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "cluster-admin"},
+            "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": SYSTEM_NS}],
+        }))?;
+        Api::<ClusterRoleBinding>::all(self.admin.clone())
+            .create(&PostParams::default(), &binding)
+            .await?;
+        let request = TokenRequest {
+            spec: TokenRequestSpec {
+                expiration_seconds: Some(24 * 3600),
+                ..TokenRequestSpec::default()
+            },
+            ..TokenRequest::default()
+        };
+        let token = accounts
+            .create_token_request(name, &PostParams::default(), &request)
+            .await?
+            .status
+            .context("no token in the TokenRequest")?
+            .token;
+        let mut config = Kubeconfig::read_from(self.cp.kubeconfig())?;
+        for user in &mut config.auth_infos {
+            user.auth_info = Some(AuthInfo {
+                token: Some(token.clone().into()),
+                ..AuthInfo::default()
+            });
+        }
+        let path = self.cp.dir().join(format!("kubeconfig-{name}"));
+        std::fs::write(&path, serde_json::to_vec(&config)?)?;
+        Ok((path, user))
+    }
+
+    /// Waits until the controllers' election Lease names `identity`; returns when it saw that.
+    pub async fn await_holder(&self, identity: &str, timeout: Duration) -> Result<Instant> {
+        let leases = Api::<Lease>::namespaced(self.admin.clone(), SYSTEM_NS);
+        let deadline = Instant::now() + timeout;
+        let mut tick = tokio::time::interval(Duration::from_millis(20));
+        loop {
+            tick.tick().await;
+            let holder = leases
+                .get_opt("roster-controller")
+                .await
+                .ok()
+                .flatten()
+                .and_then(|l| l.spec?.holder_identity);
+            if holder.as_deref() == Some(identity) {
+                return Ok(Instant::now());
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "{identity} did not take the Lease within {timeout:?}"
+            );
+        }
+    }
+
+    pub fn audit(&self) -> Vec<audit::Request> {
+        audit::read(&self.audit_log)
+    }
+}
+
+pub async fn create_namespace(client: &Client, name: &str) -> Result<()> {
+    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": name}}))?;
+    match Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &ns)
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// `roster controller` as its own process (the binary beside this one), logging to a file.
+pub struct Controller {
+    pub child: tokio::process::Child,
+    pub pid: u32,
+    pub log: PathBuf,
+    pub started: Instant,
+}
+
+impl Controller {
+    pub fn spawn(
+        roster: &Path,
+        kubeconfig: &Path,
+        identity: &str,
+        log: PathBuf,
+        extra: &[String],
+    ) -> Result<Controller> {
+        let file = std::fs::File::create(&log)?;
+        let mut cmd = tokio::process::Command::new(roster);
+        cmd.args([
+            "controller",
+            "--kubeconfig",
+            &kubeconfig.display().to_string(),
+            "--http-addr",
+            "127.0.0.1:0",
+            "--leader-election-namespace",
+            SYSTEM_NS,
+            "--leader-election-identity",
+            identity,
+        ])
+        .args(extra)
+        .env("ROSTER_LOG_FORMAT", "text")
+        .env("ROSTER_LOG_LEVEL", "info")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(file)
+        .kill_on_drop(true);
+        // SAFETY: prctl is async-signal-safe; the child dies with the benchmark.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let started = Instant::now();
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("start {}", roster.display()))?;
+        let pid = child.id().context("the controller has a pid")?;
+        Ok(Controller {
+            child,
+            pid,
+            log,
+            started,
+        })
+    }
+
+    fn logged(&self, needle: &str) -> bool {
+        std::fs::read_to_string(&self.log).is_ok_and(|l| l.contains(needle))
+    }
+
+    /// Waits until it leads with synced caches; returns how long after its start that was.
+    pub async fn await_leading(&self, timeout: Duration) -> Result<Duration> {
+        let deadline = Instant::now() + timeout;
+        let mut tick = tokio::time::interval(Duration::from_millis(20));
+        loop {
+            tick.tick().await;
+            if self.logged("cache synced; ready") {
+                return Ok(self.started.elapsed());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the controller did not lead within {timeout:?}; its log: {}",
+                    self.log.display()
+                );
+            }
+        }
+    }
+
+    pub async fn kill(&mut self) {
+        let _ = self.child.kill().await;
+    }
+}
+
+/// Stops (SIGSTOP) or continues (SIGCONT) a process.
+pub fn signal(pid: u32, stop: bool) {
+    let signal = if stop { libc::SIGSTOP } else { libc::SIGCONT };
+    if let Ok(pid) = i32::try_from(pid) {
+        // SAFETY: kill has no memory preconditions.
+        unsafe {
+            libc::kill(pid, signal);
+        }
+    }
+}

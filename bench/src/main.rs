@@ -1,0 +1,630 @@
+//! roster-bench: the numbers behind every performance claim Roster makes
+//! (../docs/benchmark.md). It starts a local control plane with an audit log, runs the peer
+//! (kube-controller-manager's EndpointSlice controller) and then Roster, each in its own phases
+//! so they never compete for the cores, and writes JSON, Markdown, a PNG and a summary line.
+
+mod audit;
+mod cluster;
+mod load;
+mod observe;
+mod peer;
+mod report;
+mod results;
+mod sampler;
+
+use std::{
+    collections::{HashMap, HashSet},
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use kube::Api;
+use roster::api::ServiceInstance;
+
+use crate::{
+    audit::Window,
+    cluster::{Cluster, Controller},
+    load::{Load, Mode},
+    observe::{Observer, View, first_ready, first_removed},
+    results::{Distribution, Machine, Metric, Params, Run, quantile},
+    sampler::Sampler,
+};
+
+#[derive(Parser, Debug)]
+#[command(about = "Roster's benchmark, beside Kubernetes' EndpointSlice controller")]
+struct Args {
+    /// Small and fast (under two minutes): what the test command runs so the benchmark never rots.
+    #[arg(long)]
+    quick: bool,
+    /// Instances registered (and Pods for the peer).
+    #[arg(long)]
+    instances: Option<usize>,
+    /// Services they are spread over.
+    #[arg(long)]
+    services: Option<usize>,
+    /// How instances heartbeat.
+    #[arg(long, value_enum, default_value_t = Mode::Annotation)]
+    heartbeat: Mode,
+    /// Each instance heartbeats this often (default: a total of 100 heartbeats/s).
+    #[arg(long, value_parser = roster::controller::parse_duration)]
+    interval: Option<Duration>,
+    /// ttlSeconds of every instance (default: 3 × the interval).
+    #[arg(long)]
+    ttl: Option<u64>,
+    /// How long the steady phase counts writes per heartbeat.
+    #[arg(long, value_parser = roster::controller::parse_duration)]
+    steady: Option<Duration>,
+    /// Heartbeat rates (per second) tried to find the knee.
+    #[arg(long, value_delimiter = ',')]
+    knee_rates: Option<Vec<f64>>,
+    /// How long each rate is held.
+    #[arg(long, value_parser = roster::controller::parse_duration)]
+    knee_step: Option<Duration>,
+    /// Where results go.
+    #[arg(long, default_value = "target/bench")]
+    out: PathBuf,
+    /// The roster binary (default: the one beside this one).
+    #[arg(long)]
+    roster: Option<PathBuf>,
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let n = args
+        .instances
+        .unwrap_or(if args.quick { 100 } else { 1000 });
+    let services = args.services.unwrap_or((n / 20).clamp(1, 500));
+    let interval = args
+        .interval
+        .unwrap_or(Duration::from_secs_f64((n as f64 / 100.0).max(1.0)));
+    let ttl = args.ttl.unwrap_or((interval.as_secs() * 3).max(3));
+    let steady = args
+        .steady
+        .unwrap_or(Duration::from_secs(if args.quick { 5 } else { 30 }));
+    let knee_rates = args.knee_rates.clone().unwrap_or(if args.quick {
+        vec![100.0, 200.0]
+    } else {
+        vec![100.0, 200.0, 400.0, 800.0, 1600.0]
+    });
+    let knee_step = args
+        .knee_step
+        .unwrap_or(Duration::from_secs(if args.quick { 3 } else { 10 }));
+    let roster_bin = match &args.roster {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()?
+            .parent()
+            .context("the benchmark's directory")?
+            .join("roster"),
+    };
+    anyhow::ensure!(
+        roster_bin.exists(),
+        "no roster binary at {} (build it: cargo build --release --bins)",
+        roster_bin.display()
+    );
+    std::fs::create_dir_all(&args.out)?;
+    let params = Params {
+        instances: n,
+        services,
+        heartbeat: format!("{:?}", args.heartbeat).to_lowercase(),
+        heartbeat_interval_ms: u64::try_from(interval.as_millis()).unwrap_or(u64::MAX),
+        ttl_seconds: ttl,
+    };
+    eprintln!("roster-bench: {params:?}");
+    let started = jiff::Timestamp::now();
+    let cluster = Cluster::start().await?;
+    let (controller_kubeconfig, controller_user) = cluster.identity("controller").await?;
+    let (load_kubeconfig, _) = cluster.identity("load").await?;
+    let (observer_kubeconfig, _) = cluster.identity("observer").await?;
+    let load_client = roster::control_plane::client_for(&load_kubeconfig).await?;
+    let observer_client = roster::control_plane::client_for(&observer_kubeconfig).await?;
+    for ns in [load::NAMESPACE, peer::NAMESPACE] {
+        cluster::create_namespace(&cluster.admin, ns).await?;
+    }
+    let observer = Observer::start(&observer_client).await;
+    let mut metrics = Vec::new();
+    let mut distributions = Vec::new();
+    let k = (n / 100).max(1);
+    let silenced: Vec<usize> = (0..k).map(|j| j * (n / k)).collect();
+
+    // ---- The peer first, alone: Pods made ready by /status, sliced by kube-controller-manager.
+    eprintln!("peer: {n} pods");
+    let peer = peer::Peer::create(&cluster.admin, &load_client, n, services).await?;
+    let peer_from = jiff::Timestamp::now();
+    let t = Instant::now();
+    let sent = peer.set_ready(0..peer.len(), true).await?;
+    let ips: HashSet<String> = sent.keys().cloned().collect();
+    await_count(
+        &observer,
+        View::Slice,
+        &ips,
+        n,
+        Duration::from_secs(60 + n as u64 / 20),
+    )
+    .await?;
+    let peer_reg = latencies(&sent, &first_ready(&observer.changes(), View::Slice, t));
+    let peer_reg_window = Window {
+        from: peer_from,
+        to: jiff::Timestamp::now(),
+    };
+    // One in a hundred goes not ready: the peer's writes per transition.
+    let flip_from = jiff::Timestamp::now();
+    let flipped = peer.set_ready(silenced.iter().copied(), false).await?;
+    let flipped_ips: HashSet<String> = flipped.keys().cloned().collect();
+    await_count(
+        &observer,
+        View::Slice,
+        &flipped_ips,
+        0,
+        Duration::from_secs(60),
+    )
+    .await?;
+    settle().await;
+    let flip_window = Window {
+        from: flip_from,
+        to: jiff::Timestamp::now(),
+    };
+
+    // ---- Roster: the controller under its own identity, as a separate process.
+    let sampler = Sampler::default();
+    let mut controller = Controller::spawn(
+        &roster_bin,
+        &controller_kubeconfig,
+        "bench-0",
+        args.out.join("controller-0.log"),
+        &[],
+    )?;
+    sampler.watch(controller.pid);
+    let first_pid = controller.pid;
+    controller.await_leading(Duration::from_secs(60)).await?;
+
+    eprintln!("roster: registering {n} instances over {services} services");
+    let load = Arc::new(Load::new(&load_client, args.heartbeat, n, services));
+    let reg_from = jiff::Timestamp::now();
+    let t = Instant::now();
+    let ttl_i32 = i32::try_from(ttl).context("ttl")?;
+    load.set_rate(n as f64 / interval.as_secs_f64());
+    let sent = load.register(ttl_i32).await?;
+    load.start();
+    let addresses: HashSet<String> = sent.keys().cloned().collect();
+    let reg_timeout = Duration::from_secs(60 + n as u64 / 20);
+    await_count(&observer, View::Slice, &addresses, n, reg_timeout).await?;
+    await_count(&observer, View::ConfigMap, &addresses, n, reg_timeout).await?;
+    let changes = observer.changes();
+    let roster_reg = latencies(&sent, &first_ready(&changes, View::Slice, t));
+    let roster_reg_cm = latencies(&sent, &first_ready(&changes, View::ConfigMap, t));
+    settle().await;
+    let reg_window = Window {
+        from: reg_from,
+        to: jiff::Timestamp::now(),
+    };
+
+    // Steady heartbeats: the controller should write nothing.
+    eprintln!("roster: steady heartbeats for {steady:?}");
+    let steady_from = (jiff::Timestamp::now(), Instant::now());
+    let sent_before = load.sent.load(std::sync::atomic::Ordering::Relaxed);
+    tokio::time::sleep(steady).await; // pacing: the window the writes are counted in
+    let heartbeats = load.sent.load(std::sync::atomic::Ordering::Relaxed) - sent_before;
+    let steady_window = Window {
+        from: steady_from.0,
+        to: jiff::Timestamp::now(),
+    };
+    let steady_t = (steady_from.1, Instant::now());
+
+    // Expiry: one in a hundred falls silent.
+    eprintln!("roster: silencing {k} instances");
+    let expiry_from = jiff::Timestamp::now();
+    let t = Instant::now();
+    for &i in &silenced {
+        load.silence(i);
+    }
+    let silent_addresses: HashSet<String> = silenced
+        .iter()
+        .map(|&i| load::instance(i, services).2)
+        .collect();
+    await_count(
+        &observer,
+        View::Slice,
+        &silent_addresses,
+        0,
+        Duration::from_secs(ttl + 60),
+    )
+    .await?;
+    settle().await;
+    let removed = first_removed(&observer.changes(), View::Slice, t);
+    let expiry_lag: Vec<f64> = silenced
+        .iter()
+        .filter_map(|&i| {
+            let address = load::instance(i, services).2;
+            let due = load.last_beat(i)? + Duration::from_secs(ttl);
+            let at = removed.get(&address)?;
+            Some(signed_ms(*at, due))
+        })
+        .collect();
+    let expiry_window = Window {
+        from: expiry_from,
+        to: jiff::Timestamp::now(),
+    };
+    // The silent ones go for good, so that what follows starts from a settled registry.
+    let instances = Api::<ServiceInstance>::namespaced(load_client.clone(), load::NAMESPACE);
+    for &i in &silenced {
+        let _ = instances
+            .delete(&load::instance(i, services).0, &Default::default())
+            .await;
+    }
+    let live: HashSet<String> = addresses.difference(&silent_addresses).cloned().collect();
+    settle().await;
+
+    // The heartbeat knee: raise the rate until the apiserver's p99 PATCH passes 1 s.
+    let mut knee = None;
+    let mut knee_note = Vec::new();
+    for &rate in &knee_rates {
+        load.set_rate(rate);
+        let (from, t) = (jiff::Timestamp::now(), Instant::now());
+        let before = load.sent.load(std::sync::atomic::Ordering::Relaxed);
+        tokio::time::sleep(knee_step).await; // pacing: the step's window
+        let done = load.sent.load(std::sync::atomic::Ordering::Relaxed) - before;
+        let window = Window {
+            from,
+            to: jiff::Timestamp::now(),
+        };
+        let achieved = done as f64 / knee_step.as_secs_f64();
+        let server: Vec<f64> = cluster
+            .audit()
+            .iter()
+            .filter(|r| r.verb == "patch" && window.contains(r.received))
+            .filter(|r| r.resource == "serviceinstances" || r.resource == "leases")
+            .map(|r| r.latency_ms)
+            .collect();
+        let p99 = quantile(&server, 0.99).unwrap_or(f64::INFINITY);
+        let cpu = sampler
+            .cpu_share(controller.pid, t, Instant::now())
+            .unwrap_or(f64::NAN);
+        let client99 = quantile(&load.latencies(t, Instant::now()), 0.99).unwrap_or(f64::NAN);
+        knee_note.push(format!(
+            "{rate:.0}/s: {achieved:.0}/s done, apiserver p99 {p99:.0} ms (client {client99:.0} ms), controller CPU {:.0}%",
+            cpu * 100.0
+        ));
+        if p99 > 1000.0 || achieved < 0.9 * rate {
+            break;
+        }
+        knee = Some(rate);
+    }
+    load.set_rate(n as f64 / interval.as_secs_f64());
+    settle().await;
+
+    // Restart: kill -9, start again; time to lead with synced caches; what it writes or removes.
+    eprintln!("roster: restart resync");
+    controller.kill().await;
+    let resync_from = (jiff::Timestamp::now(), Instant::now());
+    controller = Controller::spawn(
+        &roster_bin,
+        &controller_kubeconfig,
+        "bench-0",
+        args.out.join("controller-1.log"),
+        &[],
+    )?;
+    sampler.watch(controller.pid);
+    let resync = controller.await_leading(Duration::from_secs(120)).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await; // pacing: writes caused by the resync
+    let resync_window = Window {
+        from: resync_from.0,
+        to: jiff::Timestamp::now(),
+    };
+    let resync_removals = removals(&observer, &live, resync_from.1);
+    let peak = sampler.rss_peak(controller.pid, resync_from.1, Instant::now());
+
+    // An apiserver outage of 2 × TTL: nothing may be removed.
+    eprintln!("roster: apiserver paused for {}s", 2 * ttl);
+    let outage_t = Instant::now();
+    let (apiserver, _) = cluster.cp.pids();
+    let apiserver = apiserver.context("the apiserver's pid")?;
+    cluster::signal(apiserver, true);
+    tokio::time::sleep(Duration::from_secs(2 * ttl)).await; // pacing: the outage
+    cluster::signal(apiserver, false);
+    tokio::time::sleep(Duration::from_secs(ttl + 2)).await; // pacing: a TTL after the resume
+    let outage_removals = removals(&observer, &live, outage_t);
+
+    // Failover: a standby takes over from a killed leader.
+    eprintln!("roster: failover");
+    let standby = Controller::spawn(
+        &roster_bin,
+        &controller_kubeconfig,
+        "bench-1",
+        args.out.join("controller-2.log"),
+        &[],
+    )?;
+    tokio::time::sleep(Duration::from_secs(3)).await; // pacing: the standby is up and candidate
+    let failover_t = Instant::now();
+    controller.kill().await;
+    // Takeover: until the election Lease names the standby; then until it serves (synced).
+    let takeover = cluster
+        .await_holder("bench-1", Duration::from_secs(60))
+        .await?;
+    let takeover = takeover.duration_since(failover_t);
+    standby.await_leading(Duration::from_secs(60)).await?;
+    let serving = failover_t.elapsed();
+    tokio::time::sleep(Duration::from_secs(ttl + 2)).await; // pacing: a TTL after the takeover
+    let failover_removals = removals(&observer, &live, failover_t);
+    load.shutdown();
+
+    // ---- What the audit log says each component wrote.
+    let log = cluster.audit();
+    let projection = ["endpointslices", "configmaps"];
+    // Everything it wrote but its election Lease (renewed every retry period, whatever the load).
+    let roster_writes_steady = audit::writes(&log, &controller_user, steady_window, &[])
+        - audit::writes(&log, &controller_user, steady_window, &["leases"]);
+    let roster_reg_writes = audit::writes(&log, &controller_user, reg_window, &projection);
+    let slice_writes = audit::writes(&log, &controller_user, expiry_window, &["endpointslices"]);
+    let cm_writes = audit::writes(&log, &controller_user, expiry_window, &["configmaps"]);
+    let peer_reg_writes = audit::writes(&log, "admin", peer_reg_window, &["endpointslices"]);
+    let peer_flip_writes = audit::writes(&log, "admin", flip_window, &["endpointslices"]);
+    let spurious = audit::writes(
+        &log,
+        &controller_user,
+        resync_window,
+        &[
+            "endpointslices",
+            "configmaps",
+            "services",
+            "serviceinstances/status",
+            "serviceinstances",
+        ],
+    );
+    let steady_rss = sampler.rss_median(first_pid, steady_t.0, steady_t.1);
+    let steady_cpu = sampler.cpu_share(first_pid, steady_t.0, steady_t.1);
+
+    let p = |v: &[f64], q| quantile(v, q);
+    let reg99 = p(&roster_reg, 0.99);
+    let peer99 = p(&peer_reg, 0.99);
+    metrics.push(Metric {
+        id: 1,
+        name: "registration → routable, p99".into(),
+        unit: "ms".into(),
+        roster: reg99,
+        peer: peer99,
+        target: "p99 ≤ 1000 ms (at 10k); ≤ 1.0× peer".into(),
+        met: reg99.zip(peer99).map(|(r, q)| r <= 1000.0 && r <= q),
+        note: format!(
+            "p50 {} ms (peer {} ms); in the ConfigMap p99 {} ms; writes per instance in the burst: {:.2} (peer {:.2})",
+            fmt(p(&roster_reg, 0.5)),
+            fmt(p(&peer_reg, 0.5)),
+            fmt(p(&roster_reg_cm, 0.99)),
+            roster_reg_writes as f64 / n as f64,
+            peer_reg_writes as f64 / n as f64,
+        ),
+    });
+    let (lag50, lag99) = (p(&expiry_lag, 0.5), p(&expiry_lag, 0.99));
+    metrics.push(Metric {
+        id: 2,
+        name: "expiry lag, p99".into(),
+        unit: "ms".into(),
+        roster: lag99,
+        peer: None,
+        target: "p50 ≤ 100 ms, p99 ≤ 1000 ms".into(),
+        met: lag50.zip(lag99).map(|(a, b)| a <= 100.0 && b <= 1000.0),
+        note: format!("p50 {} ms over {} silenced instances; from the last answered heartbeat + TTL to out of the slice", fmt(lag50), expiry_lag.len()),
+    });
+    let per_beat = (heartbeats > 0).then(|| roster_writes_steady as f64 / heartbeats as f64);
+    metrics.push(Metric {
+        id: 3,
+        name: "controller writes per steady heartbeat".into(),
+        unit: "writes".into(),
+        roster: per_beat,
+        peer: None,
+        target: "0".into(),
+        met: per_beat.map(|w| w == 0.0),
+        note: format!("{roster_writes_steady} writes (all but its election Lease's renewals) during {heartbeats} heartbeats"),
+    });
+    let per_transition = (slice_writes + cm_writes) as f64 / k as f64;
+    metrics.push(Metric {
+        id: 4,
+        name: "projection writes per transition".into(),
+        unit: "writes".into(),
+        roster: Some(per_transition),
+        peer: Some(peer_flip_writes as f64 / k as f64),
+        target: "≤ 1 slice + 1 ConfigMap write".into(),
+        met: Some(slice_writes <= k && cm_writes <= k),
+        note: format!("{slice_writes} slice + {cm_writes} ConfigMap writes for {k} instances going silent (peer: slice writes for {k} pods going not ready)"),
+    });
+    metrics.push(Metric {
+        id: 5,
+        name: "heartbeat knee".into(),
+        unit: "heartbeats/s".into(),
+        roster: knee,
+        peer: None,
+        target: "≥ 500/s on 2 cores".into(),
+        met: Some(knee.unwrap_or(0.0) >= 500.0),
+        note: knee_note.join("; "),
+    });
+    metrics.push(Metric {
+        id: 6,
+        name: "controller RSS, steady".into(),
+        unit: "MiB".into(),
+        roster: steady_rss,
+        peer: None,
+        target: "< 64 MiB at 10k".into(),
+        met: steady_rss.map(|r| r < 64.0),
+        note: format!(
+            "at {n} instances; CPU {} % of a core during steady heartbeats",
+            fmt(steady_cpu.map(|c| c * 100.0))
+        ),
+    });
+    metrics.push(Metric {
+        id: 6,
+        name: "controller RSS, peak during a full relist".into(),
+        unit: "MiB".into(),
+        roster: peak,
+        peer: None,
+        target: "≤ 2× steady".into(),
+        met: peak.zip(steady_rss).map(|(p, s)| p <= 2.0 * s),
+        note: "the initial list after a restart (the same code path as a 410 relist)".into(),
+    });
+    let resync_ms = resync.as_secs_f64() * 1000.0;
+    metrics.push(Metric {
+        id: 7,
+        name: "restart resync".into(),
+        unit: "ms".into(),
+        roster: Some(resync_ms),
+        peer: None,
+        target: "< 2000 ms at 10k; 0 spurious".into(),
+        met: Some(resync_ms < 2000.0 && spurious == 0 && resync_removals == 0),
+        note: format!("start to leading with synced caches; {spurious} spurious writes, {resync_removals} removals"),
+    });
+    metrics.push(Metric {
+        id: 8,
+        name: "wrongful removals, apiserver paused 2 × TTL".into(),
+        unit: "removals".into(),
+        roster: Some(outage_removals as f64),
+        peer: None,
+        target: "0".into(),
+        met: Some(outage_removals == 0),
+        note: format!("{} s pause, observed until a TTL after the resume", 2 * ttl),
+    });
+    let takeover_ms = takeover.as_secs_f64() * 1000.0;
+    metrics.push(Metric {
+        id: 8,
+        name: "leader kill: takeover".into(),
+        unit: "ms".into(),
+        roster: Some(takeover_ms),
+        peer: None,
+        target: "≤ 15000 ms (lease duration); 0 wrongful removals".into(),
+        met: Some(takeover_ms <= 15000.0 && failover_removals == 0),
+        note: format!(
+            "kill -9 to the Lease naming the standby; serving with synced caches after {:.0} ms; {failover_removals} wrongful removals until a TTL after",
+            serving.as_secs_f64() * 1000.0
+        ),
+    });
+    distributions.push(Distribution {
+        name: "registration → routable (Roster, slice)".into(),
+        samples_ms: roster_reg,
+    });
+    distributions.push(Distribution {
+        name: "registration → in ConfigMap (Roster)".into(),
+        samples_ms: roster_reg_cm,
+    });
+    distributions.push(Distribution {
+        name: "pod ready → routable (peer)".into(),
+        samples_ms: peer_reg,
+    });
+    distributions.push(Distribution {
+        name: "expiry lag (Roster)".into(),
+        samples_ms: expiry_lag,
+    });
+
+    let kubernetes_version = cluster
+        .admin
+        .apiserver_version()
+        .await
+        .map(|v| v.git_version)
+        .unwrap_or_default();
+    let run = Run {
+        started: started.to_string(),
+        mode: if args.quick { "quick" } else { "full" }.into(),
+        build: if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        }
+        .into(),
+        roster_version: roster::version().into(),
+        kubernetes_version,
+        machine: machine(),
+        params,
+        metrics,
+        distributions,
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+    };
+    std::fs::write(
+        args.out.join("results.json"),
+        serde_json::to_vec_pretty(&run)?,
+    )?;
+    std::fs::write(args.out.join("results.md"), report::markdown(&run))?;
+    report::plot_png(&run, &args.out.join("latency.png"))?;
+    drop(standby);
+    println!("{}", report::summary_line(&run));
+    Ok(())
+}
+
+/// Waits until `want` of `addresses` are ready in `view`.
+async fn await_count(
+    observer: &Observer,
+    view: View,
+    addresses: &HashSet<String>,
+    want: usize,
+    timeout: Duration,
+) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    loop {
+        tick.tick().await;
+        let ready = observer.ready_count(view, addresses);
+        if ready == want {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{ready} of {} ready in the {view:?}s after {timeout:?}, expected {want}",
+            addresses.len()
+        );
+    }
+}
+
+/// Milliseconds from each address's `sent` to its `seen`, for those seen.
+fn latencies(sent: &HashMap<String, Instant>, seen: &HashMap<String, Instant>) -> Vec<f64> {
+    sent.iter()
+        .filter_map(|(a, s)| seen.get(a).map(|t| signed_ms(*t, *s)))
+        .collect()
+}
+
+/// `a - b` in milliseconds, negative when `a` came first.
+fn signed_ms(a: Instant, b: Instant) -> f64 {
+    if a >= b {
+        a.duration_since(b).as_secs_f64() * 1000.0
+    } else {
+        -(b.duration_since(a).as_secs_f64() * 1000.0)
+    }
+}
+
+/// Live addresses that stopped being ready in a slice since `since`: wrongful removals.
+fn removals(observer: &Observer, live: &HashSet<String>, since: Instant) -> usize {
+    first_removed(&observer.changes(), View::Slice, since)
+        .keys()
+        .filter(|a| live.contains(*a))
+        .count()
+}
+
+/// Lets the last writes of a phase land before its window closes (pacing, not synchronisation:
+/// every phase first awaits what it measures).
+async fn settle() {
+    tokio::time::sleep(Duration::from_secs(1)).await;
+}
+
+fn fmt(v: Option<f64>) -> String {
+    v.map_or("—".into(), |v| format!("{v:.0}"))
+}
+
+fn machine() -> Machine {
+    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+    let cpu = read("/proc/cpuinfo")
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .map(|m| m.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_default();
+    let memory_kib: f64 = read("/proc/meminfo")
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|m| m.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0.0);
+    Machine {
+        cores: std::thread::available_parallelism().map_or(0, usize::from),
+        memory_gib: (memory_kib / 1024.0 / 1024.0 * 10.0).round() / 10.0,
+        cpu,
+        kernel: read("/proc/sys/kernel/osrelease").trim().to_string(),
+    }
+}

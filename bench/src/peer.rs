@@ -1,0 +1,114 @@
+//! The peer: kube-controller-manager's EndpointSlice controller, fed by Pods whose status the
+//! benchmark sets, as a kubelet would (there is none here).
+
+use std::{
+    collections::HashMap,
+    sync::{Mutex, PoisonError},
+    time::Instant,
+};
+
+use anyhow::Result;
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::{Node, Pod, Service};
+use kube::{
+    Api, Client,
+    api::{Patch, PatchParams, PostParams},
+};
+use serde_json::json;
+
+pub const NAMESPACE: &str = "bench-peer";
+const NODE: &str = "bench-node";
+
+/// Pod i's name, service and IP (10.100.0.0 onwards).
+pub fn pod(i: usize, services: usize) -> (String, String, String) {
+    (
+        format!("p-{i}"),
+        format!("svc-{}", i % services),
+        format!("10.{}.{}.{}", 100 + i / 65536, (i / 256) % 256, i % 256),
+    )
+}
+
+pub struct Peer {
+    pods: Api<Pod>,
+    n: usize,
+    services: usize,
+}
+
+impl Peer {
+    /// The Node the pods are bound to, the Services with selectors, and the Pods, not ready yet.
+    pub async fn create(admin: &Client, load: &Client, n: usize, services: usize) -> Result<Peer> {
+        let node: Node = serde_json::from_value(json!({"metadata": {"name": NODE}}))?;
+        Api::<Node>::all(admin.clone())
+            .create(&PostParams::default(), &node)
+            .await?;
+        let svcs = Api::<Service>::namespaced(load.clone(), NAMESPACE);
+        for s in 0..services {
+            let svc: Service = serde_json::from_value(json!({
+                "metadata": {"name": format!("svc-{s}")},
+                "spec": {"selector": {"app": format!("svc-{s}")}, "ports": [{"name": "http", "port": 8080}]},
+            }))?;
+            svcs.create(&PostParams::default(), &svc).await?;
+        }
+        let pods = Api::<Pod>::namespaced(load.clone(), NAMESPACE);
+        futures::stream::iter(0..n)
+            .map(|i| {
+                let pods = &pods;
+                async move {
+                    let (name, service, _) = pod(i, services);
+                    let pod: Pod = serde_json::from_value(json!({
+                        "metadata": {"name": name, "labels": {"app": service}},
+                        "spec": {"nodeName": NODE, "containers": [{"name": "app", "image": "app", "ports": [{"name": "http", "containerPort": 8080}]}]},
+                    }))?;
+                    pods.create(&PostParams::default(), &pod).await?;
+                    anyhow::Ok(())
+                }
+            })
+            .buffer_unordered(64)
+            .try_collect::<Vec<()>>()
+            .await?;
+        Ok(Peer { pods, n, services })
+    }
+
+    /// Marks the pods `which` running and ready (or not ready) through /status; returns when
+    /// each status write was sent, by IP.
+    pub async fn set_ready(
+        &self,
+        which: impl Iterator<Item = usize>,
+        ready: bool,
+    ) -> Result<HashMap<String, Instant>> {
+        let sent = Mutex::new(HashMap::new());
+        let status = if ready { "True" } else { "False" };
+        futures::stream::iter(which)
+            .map(|i| {
+                let sent = &sent;
+                async move {
+                    let (name, _, ip) = pod(i, self.services);
+                    let patch = json!({"status": {
+                        "phase": "Running",
+                        "podIP": ip,
+                        "podIPs": [{"ip": ip}],
+                        "conditions": [
+                            {"type": "Ready", "status": status},
+                            {"type": "ContainersReady", "status": status},
+                        ],
+                    }});
+                    let at = Instant::now();
+                    self.pods
+                        .patch_status(&name, &PatchParams::default(), &Patch::Strategic(&patch))
+                        .await?;
+                    sent.lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .insert(ip, at);
+                    anyhow::Ok(())
+                }
+            })
+            .buffer_unordered(64)
+            .try_collect::<Vec<()>>()
+            .await?;
+        Ok(sent.into_inner().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    pub fn len(&self) -> usize {
+        self.n
+    }
+}
