@@ -17,12 +17,15 @@ ENV CARGO_TERM_COLOR=never \
     CARGO_INCREMENTAL=0 \
     RUSTFLAGS="--remap-path-prefix=/src=/roster --remap-path-prefix=/usr/local/cargo=/cargo"
 
-# The dependency layer: rebuilt only when Cargo.toml or Cargo.lock change. Built against
-# stub sources, so the layer does not depend on src/. (By hand rather than with cargo-chef:
-# one crate, two stub files, and no extra tool to install and pin.)
+# The dependency layer: rebuilt only when a manifest or Cargo.lock changes. Built against stub
+# sources, so the layer does not depend on src/. The workspace's other member, the benchmark,
+# is never built here, but cargo reads its manifest. (By hand rather than with cargo-chef: two
+# manifests, three stub files, and no extra tool to install and pin.)
 COPY Cargo.toml Cargo.lock ./
-RUN mkdir -p src \
+COPY bench/Cargo.toml ./bench/
+RUN mkdir -p src bench/src \
     && echo 'fn main() {}' > src/main.rs \
+    && echo 'fn main() {}' > bench/src/main.rs \
     && touch src/lib.rs \
     && cargo build --release --locked --bin roster \
     && rm -rf src

@@ -1114,7 +1114,7 @@ async fn reconcile(si: Arc<ServiceInstance>, ctx: Arc<Context>) -> Result<Action
             } else {
                 transition_event(timing, phase)
             };
-            publish(&ctx, &si, event).await;
+            publish(&ctx, &si, event);
         }
     }
     // A protected instance is judged again when the time cap releases it at the latest.
@@ -1288,7 +1288,7 @@ async fn expire(
                 action: "Delete".into(),
                 secondary: None,
             };
-            publish(ctx, si, event).await;
+            publish(ctx, si, event);
             Ok(Action::await_change())
         }
         // Changed (a heartbeat?): judge again once the watch brings the new state.
@@ -1337,10 +1337,16 @@ fn transition_event(timing: Timing, phase: Phase) -> Event {
 }
 
 /// Events are best effort: a failure is logged, never fails the reconcile.
-async fn publish(ctx: &Context, si: &ServiceInstance, event: Event) {
-    if let Err(e) = ctx.recorder.publish(&event, &si.object_ref(&())).await {
-        tracing::warn!(name = %si.name_any(), reason = %event.reason, error = %e, "cannot publish Event");
-    }
+///
+/// They are written off the reconcile's path: awaiting each one doubled the time a transition
+/// took (the benchmark, docs/benchmark.md), and an Event never decides anything.
+fn publish(ctx: &Context, si: &ServiceInstance, event: Event) {
+    let (recorder, reference, name) = (ctx.recorder.clone(), si.object_ref(&()), si.name_any());
+    tokio::spawn(async move {
+        if let Err(e) = recorder.publish(&event, &reference).await {
+            tracing::warn!(%name, reason = %event.reason, error = %e, "cannot publish Event");
+        }
+    });
 }
 
 fn error_policy(si: Arc<ServiceInstance>, error: &Error, ctx: Arc<Context>) -> Action {

@@ -136,7 +136,13 @@ impl Elector {
                 () = tokio::time::sleep(self.params.retry_period) => {}
             }
             let left = self.params.renew_deadline.saturating_sub(renewed.elapsed());
-            match self.attempt(left.min(self.params.retry_period)).await {
+            let attempt = match self.attempt(left.min(self.params.retry_period)).await {
+                // A conflict on a Lease we still hold is someone else's edit of it (a Helm
+                // upgrade relabelling it), not another leader: retry within the renew deadline.
+                Some(Attempt::HeldBy(holder)) if holder == self.params.identity => None,
+                other => other,
+            };
+            match attempt {
                 Some(Attempt::Leader) => renewed = Instant::now(),
                 Some(Attempt::HeldBy(holder)) => {
                     tracing::warn!(leader = %holder, "another candidate holds the Lease");

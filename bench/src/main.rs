@@ -66,6 +66,9 @@ struct Args {
     /// Where results go.
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
+    /// Extra flags for every `roster controller` the benchmark starts (repeat it).
+    #[arg(long = "controller-arg", allow_hyphen_values = true)]
+    controller_args: Vec<String>,
     /// The roster binary (default: the one beside this one).
     #[arg(long)]
     roster: Option<PathBuf>,
@@ -128,14 +131,16 @@ async fn main() -> Result<()> {
     let mut metrics = Vec::new();
     let mut distributions = Vec::new();
     let k = (n / 100).max(1);
-    let silenced: Vec<usize> = (0..k).map(|j| j * (n / k)).collect();
+    // Spread over services (instance i is in service i % services): 1 % of one service falling
+    // silent at once would be a mass expiry, which protection rightly holds.
+    let silenced: Vec<usize> = (0..k).map(|j| (j * (n / k) + j) % n).collect();
 
     // ---- The peer first, alone: Pods made ready by /status, sliced by kube-controller-manager.
     eprintln!("peer: {n} pods");
     let peer = peer::Peer::create(&cluster.admin, &load_client, n, services).await?;
     let peer_from = jiff::Timestamp::now();
     let t = Instant::now();
-    let sent = peer.set_ready(0..peer.len(), true).await?;
+    let sent = peer.register().await?;
     let ips: HashSet<String> = sent.keys().cloned().collect();
     await_count(
         &observer,
@@ -175,7 +180,7 @@ async fn main() -> Result<()> {
         &controller_kubeconfig,
         "bench-0",
         args.out.join("controller-0.log"),
-        &[],
+        &args.controller_args,
     )?;
     sampler.watch(controller.pid);
     let first_pid = controller.pid;
@@ -305,7 +310,7 @@ async fn main() -> Result<()> {
         &controller_kubeconfig,
         "bench-0",
         args.out.join("controller-1.log"),
-        &[],
+        &args.controller_args,
     )?;
     sampler.watch(controller.pid);
     let resync = controller.await_leading(Duration::from_secs(120)).await?;
@@ -335,7 +340,7 @@ async fn main() -> Result<()> {
         &controller_kubeconfig,
         "bench-1",
         args.out.join("controller-2.log"),
-        &[],
+        &args.controller_args,
     )?;
     tokio::time::sleep(Duration::from_secs(3)).await; // pacing: the standby is up and candidate
     let failover_t = Instant::now();

@@ -35,7 +35,7 @@ pub struct Peer {
 }
 
 impl Peer {
-    /// The Node the pods are bound to, the Services with selectors, and the Pods, not ready yet.
+    /// The Node the pods are bound to and the Services with selectors.
     pub async fn create(admin: &Client, load: &Client, n: usize, services: usize) -> Result<Peer> {
         let node: Node = serde_json::from_value(json!({"metadata": {"name": NODE}}))?;
         Api::<Node>::all(admin.clone())
@@ -50,23 +50,51 @@ impl Peer {
             svcs.create(&PostParams::default(), &svc).await?;
         }
         let pods = Api::<Pod>::namespaced(load.clone(), NAMESPACE);
-        futures::stream::iter(0..n)
+        Ok(Peer { pods, n, services })
+    }
+
+    /// Creates every Pod and, at once, marks it running and ready, as a kubelet that starts
+    /// containers instantly would (64 in flight, as Roster's registrations); returns when each
+    /// create was sent, by IP: the same clock start as a Roster instance's registration.
+    pub async fn register(&self) -> Result<HashMap<String, Instant>> {
+        let sent = Mutex::new(HashMap::new());
+        futures::stream::iter(0..self.n)
             .map(|i| {
-                let pods = &pods;
+                let sent = &sent;
                 async move {
-                    let (name, service, _) = pod(i, services);
+                    let (name, service, ip) = pod(i, self.services);
                     let pod: Pod = serde_json::from_value(json!({
                         "metadata": {"name": name, "labels": {"app": service}},
                         "spec": {"nodeName": NODE, "containers": [{"name": "app", "image": "app", "ports": [{"name": "http", "containerPort": 8080}]}]},
                     }))?;
-                    pods.create(&PostParams::default(), &pod).await?;
+                    let at = Instant::now();
+                    self.pods.create(&PostParams::default(), &pod).await?;
+                    self.status(i, true).await?;
+                    sent.lock().unwrap_or_else(PoisonError::into_inner).insert(ip, at);
                     anyhow::Ok(())
                 }
             })
             .buffer_unordered(64)
             .try_collect::<Vec<()>>()
             .await?;
-        Ok(Peer { pods, n, services })
+        Ok(sent.into_inner().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    async fn status(&self, i: usize, ready: bool) -> kube::Result<Pod> {
+        let (name, _, ip) = pod(i, self.services);
+        let status = if ready { "True" } else { "False" };
+        let patch = json!({"status": {
+            "phase": "Running",
+            "podIP": ip,
+            "podIPs": [{"ip": ip}],
+            "conditions": [
+                {"type": "Ready", "status": status},
+                {"type": "ContainersReady", "status": status},
+            ],
+        }});
+        self.pods
+            .patch_status(&name, &PatchParams::default(), &Patch::Strategic(&patch))
+            .await
     }
 
     /// Marks the pods `which` running and ready (or not ready) through /status; returns when
@@ -77,25 +105,13 @@ impl Peer {
         ready: bool,
     ) -> Result<HashMap<String, Instant>> {
         let sent = Mutex::new(HashMap::new());
-        let status = if ready { "True" } else { "False" };
         futures::stream::iter(which)
             .map(|i| {
                 let sent = &sent;
                 async move {
-                    let (name, _, ip) = pod(i, self.services);
-                    let patch = json!({"status": {
-                        "phase": "Running",
-                        "podIP": ip,
-                        "podIPs": [{"ip": ip}],
-                        "conditions": [
-                            {"type": "Ready", "status": status},
-                            {"type": "ContainersReady", "status": status},
-                        ],
-                    }});
+                    let (_, _, ip) = pod(i, self.services);
                     let at = Instant::now();
-                    self.pods
-                        .patch_status(&name, &PatchParams::default(), &Patch::Strategic(&patch))
-                        .await?;
+                    self.status(i, ready).await?;
                     sent.lock()
                         .unwrap_or_else(PoisonError::into_inner)
                         .insert(ip, at);
@@ -106,9 +122,5 @@ impl Peer {
             .try_collect::<Vec<()>>()
             .await?;
         Ok(sent.into_inner().unwrap_or_else(PoisonError::into_inner))
-    }
-
-    pub fn len(&self) -> usize {
-        self.n
     }
 }

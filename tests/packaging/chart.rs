@@ -126,7 +126,8 @@ async fn the_chart_lints_refuses_bad_values_and_renders_what_the_apiserver_accep
         ("protection.threshold=1.5", "/protection/threshold"),
         ("replicaCount=0", "/replicaCount"),
         ("log.format=xml", "/log/format"),
-        ("no.such.value=1", "no"),
+        ("no.such.value=1", "additional properties 'no'"),
+        ("registry.defaultTTL=30s1m", "/registry/defaultTTL"),
     ] {
         let (ok, _, stderr) = helm.run(&["template", "r", CHART, "--set", value]);
         assert!(!ok, "{value} was accepted");
@@ -169,6 +170,7 @@ async fn the_chart_lints_refuses_bad_values_and_renders_what_the_apiserver_accep
             dry_run(&client, &discovery, doc).await;
         }
         assert_restricted(&docs);
+        assert_exact_rules(&docs);
         admitted_as_restricted(&client, &docs).await;
         let cluster_wide = extra.is_empty();
         assert_eq!(find(&docs, "ClusterRole").len(), usize::from(cluster_wide));
@@ -206,6 +208,60 @@ async fn the_chart_lints_refuses_bad_values_and_renders_what_the_apiserver_accep
         )
         .is_empty()
     );
+    // The default image tag is the controller's version.
+    let chart = std::fs::read_to_string(format!("{CHART}/Chart.yaml")).expect("Chart.yaml");
+    let app_version = format!("appVersion: \"{}\"", env!("CARGO_PKG_VERSION"));
+    assert!(
+        chart.contains(&app_version),
+        "Chart.yaml lacks {app_version}"
+    );
+}
+
+/// The rules are exactly the accesses docs/install.md lists: a rule added to the chart without
+/// a reason fails here, as one the controller needs and lacks fails the core scenario.
+fn assert_exact_rules(docs: &[Value]) {
+    let role = docs
+        .iter()
+        .find(|d| {
+            (d["kind"] == "ClusterRole" || d["kind"] == "Role")
+                && !d["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .ends_with("-election")
+        })
+        .expect("the controller's rules");
+    let mut granted = std::collections::BTreeSet::new();
+    for rule in role["rules"].as_array().expect("rules") {
+        for group in rule["apiGroups"].as_array().expect("groups") {
+            for resource in rule["resources"].as_array().expect("resources") {
+                for verb in rule["verbs"].as_array().expect("verbs") {
+                    granted.insert(format!(
+                        "{}/{} {}",
+                        group.as_str().unwrap_or_default(),
+                        resource.as_str().unwrap_or_default(),
+                        verb.as_str().unwrap_or_default()
+                    ));
+                }
+            }
+        }
+    }
+    let expected: std::collections::BTreeSet<String> = [
+        ("roster.dev/serviceinstances", "list watch delete"),
+        ("roster.dev/serviceinstances/status", "patch"),
+        ("coordination.k8s.io/leases", "get list watch"),
+        ("/services", "list watch create patch delete"),
+        ("/services/finalizers", "update"),
+        (
+            "discovery.k8s.io/endpointslices",
+            "list watch create patch delete",
+        ),
+        ("/configmaps", "get list watch create patch delete"),
+        ("events.k8s.io/events", "create patch"),
+    ]
+    .iter()
+    .flat_map(|(r, verbs)| verbs.split(' ').map(move |v| format!("{r} {v}")))
+    .collect();
+    assert_eq!(granted, expected);
 }
 
 /// The Deployment as the issue asks: two replicas, probes, requests, a restricted pod.
@@ -727,14 +783,13 @@ async fn installed_for_one_namespace_it_reaches_no_other_and_upgrade_and_uninsta
         "log.level=debug",
     ]);
     let after = owned(&client).await;
-    assert!(
-        !after.contains(&"Role team-a/roster".to_string()),
-        "{after:?}"
-    );
-    assert!(
-        after.contains(&"ClusterRole roster".to_string()),
-        "{after:?}"
-    );
+    for (gone, came) in [
+        ("Role team-a/roster", "ClusterRole roster"),
+        ("RoleBinding team-a/roster", "ClusterRoleBinding roster"),
+    ] {
+        assert!(!after.contains(&gone.to_string()), "{after:?}");
+        assert!(after.contains(&came.to_string()), "{after:?}");
+    }
     let deployment = Api::<Deployment>::namespaced(client.clone(), RELEASE_NS)
         .get("roster")
         .await

@@ -74,6 +74,16 @@ fn copy_into(from: &Path, to: &Path, layer: &mut DefaultHasher) {
             std::fs::create_dir_all(parent).expect("create directory");
         }
         std::fs::copy(from, to).unwrap_or_else(|e| panic!("copy {}: {e}", from.display()));
+        // As Docker's COPY: the file keeps its modification time, so a build stage that relies on
+        // mtimes (the dependency layer's stubs) is replayed faithfully.
+        let modified = std::fs::metadata(from)
+            .and_then(|m| m.modified())
+            .expect("modification time");
+        std::fs::File::options()
+            .write(true)
+            .open(to)
+            .and_then(|f| f.set_modified(modified))
+            .expect("keep the modification time");
     }
 }
 
@@ -93,13 +103,17 @@ fn the_dockerfile_build_stage_builds_a_stamped_binary_from_what_it_copies() {
     assert!(build[0].1.ends_with(" AS build"), "{:?}", build[0]);
     assert_eq!(runtime[0].1, "scratch", "a minimal runtime image");
 
-    let context = tempdir("context");
+    let target = Path::new(REPO).join("target").join("dockerfile");
+    // One fixed directory, as the image's /src: cargo's fingerprints hold paths.
+    let context = target.join("context");
+    let _ = std::fs::remove_dir_all(&context);
+    std::fs::create_dir_all(&context).expect("create the context directory");
+    let ignored = dockerignore();
     let mut workdir = PathBuf::from("/");
     let mut env = BTreeMap::new();
     let commit = "0123456789abcdef";
     env.insert("COMMIT".to_string(), commit.to_string());
     let mut cargo_runs = 0;
-    let target = Path::new(REPO).join("target").join("dockerfile");
     // Layer caching as Docker does it: a RUN is skipped when every instruction before it, and
     // every file copied before it, is what it was when it last succeeded. So an unchanged
     // Dockerfile and source tree cost nothing, and any change that could break the build runs it.
@@ -115,6 +129,10 @@ fn the_dockerfile_build_stage_builds_a_stamped_binary_from_what_it_copies() {
                 let into_dir = sources.len() > 1 || dest.ends_with('/');
                 let dest = context.join(workdir.join(dest).strip_prefix("/").expect("absolute"));
                 for source in sources {
+                    assert!(
+                        !ignored.iter().any(|i| Path::new(source).starts_with(i)),
+                        "COPY {source}, which .dockerignore leaves out of the build context"
+                    );
                     let from = Path::new(REPO).join(source);
                     let name = from.file_name().expect("a named source");
                     // `COPY dir ./dir` copies the directory's contents; `COPY f ./d/` into d.
@@ -130,7 +148,11 @@ fn the_dockerfile_build_stage_builds_a_stamped_binary_from_what_it_copies() {
                 cargo_runs += 1;
                 let marker = target.join(format!("layer-{cargo_runs}"));
                 let key = format!("{:x}", layer.finish());
-                if std::fs::read_to_string(&marker).is_ok_and(|k| k == key) {
+                let snapshot = target.join(format!("layer-{cargo_runs}.files"));
+                if std::fs::read_to_string(&marker).is_ok_and(|k| k == key) && snapshot.is_dir() {
+                    // A cached layer brings back the files it left, as Docker's does.
+                    let _ = std::fs::remove_dir_all(&context);
+                    copy_tree(&snapshot, &context);
                     continue;
                 }
                 let dir = context.join(workdir.strip_prefix("/").expect("absolute"));
@@ -144,6 +166,8 @@ fn the_dockerfile_build_stage_builds_a_stamped_binary_from_what_it_copies() {
                     .status()
                     .expect("run sh");
                 assert!(status.success(), "`{args}` failed: {status}");
+                let _ = std::fs::remove_dir_all(&snapshot);
+                copy_tree(&context, &snapshot);
                 std::fs::write(&marker, key).expect("record the layer");
             }
             _ => {}
@@ -177,12 +201,19 @@ fn the_dockerfile_build_stage_builds_a_stamped_binary_from_what_it_copies() {
     let _ = std::fs::remove_dir_all(&context);
 }
 
-fn tempdir(what: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "roster-{what}-{}-{}",
-        std::process::id(),
-        jiff::Timestamp::now().as_nanosecond()
-    ));
-    std::fs::create_dir_all(&dir).expect("create a temporary directory");
-    dir
+/// Copies a directory tree, keeping modification times (a layer's files, saved or restored).
+fn copy_tree(from: &Path, to: &Path) {
+    copy_into(from, to, &mut DefaultHasher::new());
+}
+
+/// The paths `.dockerignore` leaves out of the build context (its plain entries; it has no
+/// patterns).
+fn dockerignore() -> Vec<PathBuf> {
+    std::fs::read_to_string(Path::new(REPO).join(".dockerignore"))
+        .expect("read .dockerignore")
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| PathBuf::from(l.trim_end_matches('/')))
+        .collect()
 }

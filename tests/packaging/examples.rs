@@ -366,6 +366,14 @@ async fn example_instances_behave_as_their_comments_say() {
         condition(&si, "Ready"),
         ("False".into(), "HeartbeatSilent".into())
     );
+    // ... and it says it will never be deleted (rather than waiting out a deletion time).
+    let ready = si
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+        .map(|c| c.message.clone())
+        .unwrap_or_default();
+    assert!(ready.contains("never deleted"), "{ready}");
 }
 
 /// One row of the RBAC table: (verb, (group, resource), subresource, namespace ("" for
