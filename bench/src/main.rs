@@ -193,10 +193,16 @@ async fn main() -> Result<()> {
     let ttl_i32 = i32::try_from(ttl).context("ttl")?;
     load.set_rate(n as f64 / interval.as_secs_f64());
     let sent = load.register(ttl_i32).await?;
-    load.start();
     let addresses: HashSet<String> = sent.keys().cloned().collect();
     let reg_timeout = Duration::from_secs(60 + n as u64 / 20);
-    await_count(&observer, View::Slice, &addresses, n, reg_timeout).await?;
+    // Heartbeats start once every instance is routable (the peer's phase had no other load
+    // either), or at half the TTL, whichever comes first, so none expires while a burst drains.
+    let half_ttl = Duration::from_secs(ttl / 2).saturating_sub(t.elapsed());
+    let all_routable = await_count(&observer, View::Slice, &addresses, n, half_ttl).await;
+    load.start();
+    if all_routable.is_err() {
+        await_count(&observer, View::Slice, &addresses, n, reg_timeout).await?;
+    }
     await_count(&observer, View::ConfigMap, &addresses, n, reg_timeout).await?;
     let changes = observer.changes();
     let roster_reg = latencies(&sent, &first_ready(&changes, View::Slice, t));
@@ -512,7 +518,7 @@ async fn main() -> Result<()> {
         samples_ms: roster_reg_cm,
     });
     distributions.push(Distribution {
-        name: "pod ready → routable (peer)".into(),
+        name: "Pod created, set ready → routable (peer)".into(),
         samples_ms: peer_reg,
     });
     distributions.push(Distribution {
