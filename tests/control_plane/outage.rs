@@ -190,6 +190,7 @@ async fn outage_deletes_nothing_and_expiry_resumes_after_a_fresh_ttl(
 
     // Normal expiry resumes: dead goes, and meanwhile the others are watched.
     wait_deleted(&api, "dead", &dead_uid, TIMEOUT).await;
+    history.await_deleted("dead", TIMEOUT).await;
     let seen = timeline(&history, resumed);
     eprintln!("{target:?} outage, as the History saw it (relative to its end):\n{seen}");
     for name in &alive {

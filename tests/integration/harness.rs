@@ -529,6 +529,8 @@ pub async fn heavy() -> tokio::sync::RwLockWriteGuard<'static, ()> {
 /// state wrongly while they broke things.
 pub struct History {
     seen: Arc<Mutex<Vec<Seen>>>,
+    /// Bumped after every change is recorded, so a test can await what the watch has seen.
+    changes: tokio::sync::watch::Sender<u64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -547,6 +549,8 @@ impl History {
         use kube::runtime::watcher;
         let seen = Arc::new(Mutex::new(Vec::<Seen>::new()));
         let (sink, (listed_tx, listed_rx)) = (seen.clone(), tokio::sync::oneshot::channel());
+        let changes = tokio::sync::watch::Sender::new(0u64);
+        let notify = changes.clone();
         let task = tokio::spawn(async move {
             let mut listed = Some(listed_tx);
             let mut last: std::collections::HashMap<String, Option<roster::api::Phase>> =
@@ -576,11 +580,32 @@ impl History {
                             phase: entry,
                         });
                     }
+                    notify.send_modify(|n| *n += 1);
                 }
             }
         });
         let _ = listed_rx.await;
-        History { seen, task }
+        History {
+            seen,
+            changes,
+            task,
+        }
+    }
+
+    /// Waits until the watch has seen `name` deleted. A GET that returns 404 can come before
+    /// the watch event does, so a test that asserts on the history after a deletion awaits
+    /// this first.
+    pub async fn await_deleted(&self, name: &str, timeout: Duration) {
+        let mut changes = self.changes.subscribe();
+        let seen = changes.wait_for(|_| self.deleted().iter().any(|n| n == name));
+        match tokio::time::timeout(timeout, seen).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) => panic!("the History's watch ended before {name} was seen deleted"),
+            Err(_) => panic!(
+                "the History did not see {name} deleted within {timeout:?}; it saw {:?}",
+                self.all()
+            ),
+        }
     }
 
     pub fn all(&self) -> Vec<Seen> {

@@ -252,6 +252,7 @@ async fn protection_holds_a_service_that_falls_silent_at_once_and_releases_on_re
     )
     .await;
     harness::wait_deleted(&api, &pay[3], &uid, TIMEOUT).await;
+    history.await_deleted(&pay[3], TIMEOUT).await;
     assert_eq!(history.deleted(), vec![pay[3].clone()]);
     assert_eq!(
         metric(&addr, "roster_protected_scopes{scope=\"service\"}").await,
@@ -319,6 +320,7 @@ async fn protection_releases_at_its_time_cap_and_never_holds_small_services() {
         if let Ok(si) = api.get(name).await {
             harness::wait_deleted(&api, name, &si.metadata.uid.unwrap_or_default(), TIMEOUT).await;
         }
+        history.await_deleted(name, TIMEOUT).await;
     }
     // None went before the cap (the Event was seen a little after protection engaged).
     for seen in history
@@ -493,6 +495,7 @@ async fn controller_killed_at_random_moments_deletes_only_what_expired() {
         if let Ok(si) = api.get(name).await {
             harness::wait_deleted(&api, name, &si.metadata.uid.unwrap_or_default(), TIMEOUT).await;
         }
+        history.await_deleted(name, TIMEOUT).await;
     }
     for name in &alive {
         await_phase(&api, name, Phase::Ready, TIMEOUT).await;
