@@ -66,6 +66,9 @@ pub struct Settings {
     /// Instance changes within this many milliseconds are projected together.
     #[arg(long, default_value_t = 100)]
     pub projection_window_ms: u64,
+    /// Maximum number of services projected at the same time (each one's writes stay in order).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..))]
+    pub projection_concurrency: u16,
     /// Project into headless Services (`clusterIP: None`) instead of ClusterIP Services.
     #[arg(long)]
     pub headless_services: bool,
@@ -875,6 +878,7 @@ async fn lead(settings: &Settings, process: &Process, term: &CancellationToken) 
         recorder.clone(),
         projector::Options {
             window: Duration::from_millis(settings.projection_window_ms),
+            concurrency: usize::from(settings.projection_concurrency),
             headless: settings.headless_services,
         },
         synced,

@@ -65,6 +65,9 @@ pub type Key = (String, String);
 pub struct Options {
     /// Changes within this window are projected together.
     pub window: Duration,
+    /// Services projected at the same time. A service is in a batch at most once and batches
+    /// run one after another, so one service's writes never race each other.
+    pub concurrency: usize,
     /// Headless Services (`clusterIP: None`) instead of ClusterIP; applies to Services it
     /// creates (a Service's clusterIP cannot change).
     pub headless: bool,
@@ -405,11 +408,20 @@ impl Projector {
             if batch.remove(&Key::default()) {
                 batch.extend(self.known_keys());
             }
-            for key in batch {
-                if shutdown.is_cancelled() {
-                    return;
-                }
-                let result = self.project(&key).await;
+            // A burst touches many services; one at a time, the batch's length is the sum of
+            // their round trips (the benchmark saw 10 000 instances over 500 services fall
+            // behind that way).
+            let mut results = futures::stream::iter(batch)
+                .map(|key| async {
+                    let result = self.project(&key).await;
+                    (key, result)
+                })
+                .buffer_unordered(self.options.concurrency.max(1));
+            loop {
+                let (key, result) = tokio::select! {
+                    next = results.next() => match next { Some(r) => r, None => break },
+                    () = shutdown.cancelled() => return,
+                };
                 let mut failures = self.failures.lock().unwrap_or_else(PoisonError::into_inner);
                 match result {
                     Ok(()) => {

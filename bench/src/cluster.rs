@@ -13,6 +13,7 @@ use k8s_openapi::api::{
     authentication::v1::{TokenRequest, TokenRequestSpec},
     coordination::v1::Lease,
     core::v1::{Namespace, ServiceAccount},
+    flowcontrol::v1::FlowSchema,
     rbac::v1::ClusterRoleBinding,
 };
 use kube::{
@@ -106,6 +107,33 @@ impl Cluster {
         Ok((path, user))
     }
 
+    /// What the chart installs (charts/roster/templates/flowschema.yaml): `account`'s requests
+    /// on its election Lease go to the apiserver's `leader-election` priority level, so the
+    /// load it is measured under does not starve its renewals.
+    pub async fn prioritize_election(&self, account: &str) -> Result<()> {
+        let schema: FlowSchema = serde_json::from_value(json!({
+            "metadata": {"name": format!("roster-bench-{account}-election")},
+            "spec": {
+                "priorityLevelConfiguration": {"name": "leader-election"},
+                "matchingPrecedence": 1000,
+                "distinguisherMethod": {"type": "ByUser"},
+                "rules": [{
+                    "subjects": [{"kind": "ServiceAccount", "serviceAccount": {"name": account, "namespace": SYSTEM_NS}}],
+                    "resourceRules": [{
+                        "apiGroups": ["coordination.k8s.io"],
+                        "resources": ["leases"],
+                        "verbs": ["get", "create", "update"],
+                        "namespaces": [SYSTEM_NS],
+                    }],
+                }],
+            },
+        }))?;
+        Api::<FlowSchema>::all(self.admin.clone())
+            .create(&PostParams::default(), &schema)
+            .await?;
+        Ok(())
+    }
+
     /// Waits until the controllers' election Lease names `identity`; returns when it saw that.
     pub async fn await_holder(&self, identity: &str, timeout: Duration) -> Result<Instant> {
         let leases = Api::<Lease>::namespaced(self.admin.clone(), SYSTEM_NS);
@@ -125,6 +153,52 @@ impl Cluster {
             anyhow::ensure!(
                 Instant::now() < deadline,
                 "{identity} did not take the Lease within {timeout:?}"
+            );
+        }
+    }
+
+    /// When the current holder of the election Lease acquired it: changes with every new term.
+    pub async fn acquired_at(&self) -> Option<String> {
+        let lease = Api::<Lease>::namespaced(self.admin.clone(), SYSTEM_NS)
+            .get_opt("roster-controller")
+            .await
+            .ok()
+            .flatten()?;
+        let spec = lease.spec?;
+        Some(format!(
+            "{} {:?}",
+            spec.holder_identity?,
+            spec.acquire_time.map(|t| t.0)
+        ))
+    }
+
+    /// Waits until the audit log shows `user`'s `verb` on `resource` received after `since`;
+    /// returns when the apiserver received it.
+    pub async fn await_request(
+        &self,
+        user: &str,
+        verb: &str,
+        resource: &str,
+        since: jiff::Timestamp,
+        timeout: Duration,
+    ) -> Result<jiff::Timestamp> {
+        let deadline = Instant::now() + timeout;
+        // The log is large at 10 000 instances: read it twice a second, not more.
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            tick.tick().await;
+            let seen = self
+                .audit()
+                .into_iter()
+                .filter(|r| r.user == user && r.verb == verb && r.resource == resource)
+                .map(|r| r.received)
+                .find(|t| *t > since);
+            if let Some(t) = seen {
+                return Ok(t);
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "no {verb} of {resource} by {user} within {timeout:?}"
             );
         }
     }

@@ -47,6 +47,8 @@ pub struct ControlPlane {
     server: String,
     etcd: Option<Child>,
     apiserver: Option<Child>,
+    /// How the apiserver was started, to start it again the same way.
+    apiserver_command: (PathBuf, Vec<String>),
     controller_manager: Option<Child>,
 }
 
@@ -76,6 +78,7 @@ impl ControlPlane {
             dir,
             etcd: None,
             apiserver: None,
+            apiserver_command: (bins["kube-apiserver"].clone(), Vec::new()),
             controller_manager: None,
         };
         // On any error below, dropping `cp` stops what was started and removes the directory.
@@ -136,6 +139,7 @@ impl ControlPlane {
         ];
         args.extend(options.apiserver_args.iter().cloned());
         cp.apiserver = Some(cp.spawn("kube-apiserver", &bins["kube-apiserver"], &args)?);
+        cp.apiserver_command.1 = args;
 
         // The apiserver writes its self-signed serving certificate (and its CA) at startup.
         let ca = cp.dir.join("certs").join("apiserver.crt");
@@ -194,6 +198,19 @@ impl ControlPlane {
         )
     }
 
+    /// Stops kube-apiserver and starts it again with the same flags, data and certificates
+    /// (clients keep their kubeconfig), and waits until it is ready. Watches end; a client that
+    /// resumes from a resourceVersion older than the new watch cache holds gets 410 Gone and
+    /// relists. Call it from a thread that outlives the control plane, as [`ControlPlane::start`].
+    pub async fn restart_apiserver(&mut self) -> Result<()> {
+        if let Some(child) = self.apiserver.take() {
+            terminate(child);
+        }
+        let (bin, args) = self.apiserver_command.clone();
+        self.apiserver = Some(self.spawn("kube-apiserver", &bin, &args)?);
+        self.wait_ready().await
+    }
+
     /// A client with the admin identity.
     pub async fn client(&self) -> Result<Client> {
         client_for(&self.kubeconfig).await
@@ -217,7 +234,11 @@ impl ControlPlane {
     }
 
     fn spawn(&self, name: &str, bin: &Path, args: &[String]) -> Result<Child> {
-        let log = std::fs::File::create(self.dir.join(format!("{name}.log")))
+        // Appended to: a restarted process keeps the earlier run's log.
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(format!("{name}.log")))
             .map_err(io_err("create a log file"))?;
         let log_err = log.try_clone().map_err(io_err("open a log file"))?;
         let mut cmd = Command::new(bin);

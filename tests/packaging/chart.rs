@@ -16,6 +16,7 @@ use k8s_openapi::{
         coordination::v1::Lease,
         core::v1::{ConfigMap, Namespace, Service, ServiceAccount},
         discovery::v1::EndpointSlice,
+        flowcontrol::v1::FlowSchema,
         policy::v1::PodDisruptionBudget,
         rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding},
     },
@@ -718,6 +719,58 @@ async fn installed_cluster_wide_its_service_account_runs_the_core_scenario_and_n
         can("list", "endpointslices.discovery.k8s.io", ""),
     ]);
     assert_access(&client, RELEASE_NS, "roster", &table).await;
+    election_requests_use_the_leader_election_priority_level(&cp, &client).await;
+}
+
+/// API Priority and Fairness says which FlowSchema classified each request (a response header):
+/// the ServiceAccount's requests on its election Lease match the chart's, and nothing else does.
+async fn election_requests_use_the_leader_election_priority_level(
+    cp: &LocalControlPlane,
+    client: &Client,
+) {
+    let schema = Api::<FlowSchema>::all(client.clone())
+        .get(&format!("{RELEASE_NS}-roster-election"))
+        .await
+        .expect("the chart's FlowSchema");
+    assert_eq!(
+        schema
+            .spec
+            .as_ref()
+            .map(|s| s.priority_level_configuration.name.as_str()),
+        Some("leader-election")
+    );
+    let uid = schema.metadata.uid.clone().unwrap_or_default();
+    let kubeconfig = service_account_kubeconfig(&cp.kubeconfig, client, RELEASE_NS, "roster").await;
+    let account = roster::control_plane::client_for(&kubeconfig)
+        .await
+        .expect("the ServiceAccount's client");
+    let classified = |path: String| {
+        let account = account.clone();
+        async move {
+            let mut request = http::Request::new(kube::client::Body::empty());
+            *request.uri_mut() = path.parse().expect("a path");
+            let response = account.send(request).await.expect("a response");
+            assert!(
+                response.status().is_success(),
+                "{path}: {}",
+                response.status()
+            );
+            response
+                .headers()
+                .get("X-Kubernetes-PF-FlowSchema-UID")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_string()
+        }
+    };
+    let lease = format!("/apis/coordination.k8s.io/v1/namespaces/{RELEASE_NS}/leases/roster");
+    assert_eq!(classified(lease).await, uid, "the election Lease");
+    let instances = "/apis/roster.dev/v1alpha1/serviceinstances".to_string();
+    assert_ne!(
+        classified(instances).await,
+        uid,
+        "the controller's other requests"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -848,7 +901,8 @@ async fn owned(client: &Client) -> Vec<String> {
         RoleBinding,
         ClusterRole,
         ClusterRoleBinding,
-        ConfigMap
+        ConfigMap,
+        FlowSchema
     );
     found.sort();
     found
