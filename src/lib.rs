@@ -5,6 +5,7 @@
 //! etcd + kube-apiserver on loopback for the `roster dev` demo and the integration tests.
 
 pub mod api;
+pub mod client;
 pub mod control_plane;
 pub mod controller;
 pub mod dev;
