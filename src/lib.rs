@@ -4,6 +4,7 @@
 //! The [`controller`] keeps their status current; the [`control_plane`] module runs a real
 //! etcd + kube-apiserver on loopback for the `roster dev` demo and the integration tests.
 
+pub mod agent;
 pub mod api;
 pub mod client;
 pub mod control_plane;

@@ -2,6 +2,7 @@ use std::{io::Read, path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
 use roster::{
+    agent,
     control_plane::{ControlPlane, Options},
     controller, dev,
     error::report,
@@ -29,6 +30,9 @@ enum Command {
     Crd,
     /// Run the controller.
     Controller(Box<controller::Settings>),
+    /// Register an instance and keep it alive (a sidecar, or on a VM): Lease heartbeats,
+    /// draining while the app is unhealthy, drain and deregister on SIGTERM.
+    Agent(Box<agent::AgentArgs>),
     /// Run everything locally: control plane, CRD, controller and an example instance.
     Dev(dev::DevArgs),
     /// Manage the embedded local control plane (etcd + kube-apiserver).
@@ -71,6 +75,7 @@ async fn main() -> ExitCode {
         },
         Command::Controller(settings) => controller::run(&settings, shutdown).await,
         Command::Dev(args) => dev::run(args, shutdown).await,
+        Command::Agent(args) => agent::run(&args, shutdown).await,
         Command::ControlPlane(ControlPlaneCommand::Up {
             kubeconfig_out,
             exit_on_stdin_eof,

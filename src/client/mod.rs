@@ -1,6 +1,12 @@
-//! Roster's client library: what a service links in to take part in the registry. It will hold
-//! registration (creating a `ServiceInstance` and heartbeating it) and discovery (watching a
-//! service's instances and choosing one per request); for now it holds [`pick`], the pure
-//! load-balancing logic that discovery will drive.
+//! Roster's client library: what a Rust service links in to take part in the registry.
+//!
+//! - [`register`]: register an instance, renew its Lease, drain and deregister. `roster agent`
+//!   is this module behind flags, for services in any language.
+//! - [`discovery`]: watch a service's ready instances (its EndpointSlices or its ConfigMap),
+//!   keep them in a local cache, and report changes as a stream.
+//! - [`pick`]: choose one per request (round-robin, weighted random, least outstanding),
+//!   preferring the caller's zone.
 
+pub mod discovery;
 pub mod pick;
+pub mod register;

@@ -35,7 +35,7 @@ pub struct Endpoint {
     pub ports: BTreeMap<String, u16>,
     pub zone: Option<String>,
     /// Relative weight for [`Strategy::WeightedRandom`]; 0 means "no traffic" (see the module
-    /// documentation for the all-zero case). The API's `weight` is an `i32` in `0..=1000`.
+    /// documentation for the all-zero case). The API's `weight` is an `i32` in `0..=10000`.
     pub weight: u32,
 }
 

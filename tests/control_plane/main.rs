@@ -6,6 +6,7 @@
 #[path = "../integration/harness.rs"]
 mod harness;
 
+mod agent_restart;
 mod lifecycle;
 mod outage;
 mod schema_change;

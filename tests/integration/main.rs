@@ -5,7 +5,9 @@
 #[allow(dead_code)]
 mod harness;
 
+mod agent;
 mod controller;
+mod discovery;
 mod health;
 mod liveness;
 mod projection;

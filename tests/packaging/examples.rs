@@ -247,6 +247,7 @@ async fn every_example_is_yaml_the_apiserver_accepts() {
         "heartbeat-lease.yaml",
         "persistent.yaml",
         "draining.yaml",
+        "agent-sidecar.yaml",
         RBAC,
     ] {
         assert!(
