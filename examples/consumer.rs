@@ -35,6 +35,7 @@ async fn main() -> anyhow::Result<()> {
             source: Source::EndpointSlices,
             strategy: Strategy::LeastOutstanding,
             zone,
+            seed: None,
         },
     )
     .await?;

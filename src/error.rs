@@ -45,6 +45,12 @@ pub enum Error {
     #[error("invalid settings: {0}")]
     Invalid(String),
 
+    #[error("no answer within {after:?}: {what}")]
+    Timeout {
+        what: String,
+        after: std::time::Duration,
+    },
+
     #[error("local control plane: {context}")]
     ControlPlane {
         context: String,
@@ -65,6 +71,7 @@ impl Error {
             Error::Serve { .. } => "serve",
             Error::ControlPlane { .. } => "control_plane",
             Error::Invalid(_) => "invalid",
+            Error::Timeout { .. } => "timeout",
         }
     }
 

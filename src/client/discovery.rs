@@ -59,6 +59,8 @@ pub struct Options {
     pub strategy: Strategy,
     /// The caller's zone: its instances are preferred while any is ready.
     pub zone: Option<String>,
+    /// Seed of the weighted-random strategy (tests); `None` seeds from the clock.
+    pub seed: Option<u64>,
 }
 
 /// A change of the service's ready instances, in the order the watch saw them.
@@ -110,8 +112,12 @@ impl Discovery {
         service: &str,
         options: Options,
     ) -> Result<Discovery> {
+        let mut balancer = Balancer::new(options.strategy, options.zone.clone());
+        if let Some(seed) = options.seed {
+            balancer = balancer.with_seed(seed);
+        }
         let shared = Arc::new(Shared {
-            balancer: Balancer::new(options.strategy, options.zone.clone()),
+            balancer,
             state: Mutex::default(),
         });
         let (synced_tx, synced_rx) = tokio::sync::oneshot::channel();
@@ -158,6 +164,9 @@ impl Discovery {
 
     /// Every change from now on, led by an `Added` for each instance ready now, so a consumer
     /// that applies the stream in order holds the same set as the cache. Nothing is dropped.
+    /// Watch events come in the order the apiserver sent them; the changes one event makes
+    /// (a ConfigMap update can add and remove several instances) come removals and updates
+    /// first, by name, then additions.
     pub fn changes(&self) -> impl Stream<Item = Change> + Send + 'static {
         let (tx, rx) = mpsc::unbounded_channel();
         let mut state = self.shared.lock();

@@ -16,7 +16,7 @@ use k8s_openapi::{
 use kube::{
     Api, Client,
     api::{DeleteParams, Patch, PatchParams, PostParams},
-    runtime::watcher,
+    runtime::{WatchStreamExt, watcher},
 };
 use serde_json::json;
 use tokio::sync::watch;
@@ -232,24 +232,33 @@ impl Registrar {
     /// The instance's whole life, until `shutdown` is cancelled: then drain and deregister
     /// within `end.grace`. `healthy` (from a local probe) drives `spec.draining`; without it the
     /// instance is never drained before shutdown.
+    ///
+    /// Every API call is bounded by a heartbeat interval and abandoned at once when `shutdown`
+    /// comes, so a hung apiserver can neither stall the heartbeats nor eat the grace period.
     pub async fn run(
         &self,
-        mut healthy: Option<watch::Receiver<bool>>,
+        healthy: Option<watch::Receiver<bool>>,
         shutdown: CancellationToken,
         end: Shutdown,
     ) -> Result<()> {
-        let draining = |h: &Option<watch::Receiver<bool>>| h.as_ref().is_some_and(|h| !*h.borrow());
+        let mut health = Health::new(healthy);
         let mut backoff = Backoff::new(self.interval());
         // Register, retrying: the apiserver may not be reachable yet.
         loop {
-            match self.register(draining(&healthy)).await {
-                Ok(()) => break,
-                Err(e) => {
+            match self
+                .bounded(&shutdown, self.register(health.draining()))
+                .await
+            {
+                Some(Ok(())) => break,
+                // It may have got as far as the Lease: clean up whatever exists.
+                None => return self.end(end).await,
+                Some(Err(e)) => {
                     let wait = backoff.failed();
                     tracing::warn!(error = %crate::error::report(&e), ?wait, "registration failed; retrying");
                     tokio::select! {
+                        biased;
+                        () = shutdown.cancelled() => return self.end(end).await,
                         () = tokio::time::sleep(wait) => {}
-                        () = shutdown.cancelled() => return Ok(()),
                     }
                 }
             }
@@ -257,46 +266,31 @@ impl Registrar {
         backoff.reset();
         tracing::info!(namespace = %self.reg.namespace, name = %self.reg.name, service = %self.reg.service, interval = ?self.interval(), "registered");
         let own = watcher::Config::default().fields(&format!("metadata.name={}", self.reg.name));
-        let mut events = watcher(self.instances.clone(), own).boxed();
+        let mut events = watcher(self.instances.clone(), own)
+            .default_backoff()
+            .boxed();
         // Seen in the current (re)list: a relist that misses it means it was deleted.
         let mut listed = false;
         let mut present = true;
         let mut next = tokio::time::Instant::now() + self.interval();
         loop {
-            let health_changed = async {
-                match healthy.as_mut() {
-                    Some(h) => h.changed().await.is_ok(),
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
+            // Shutdown first: nothing else starts once it has come.
+            let result = tokio::select! {
+                biased;
                 () = shutdown.cancelled() => break,
                 () = tokio::time::sleep_until(next) => {
-                    let result = if present { self.renew().await } else { self.register(draining(&healthy)).await };
-                    match result {
-                        Ok(()) => {
-                            backoff.reset();
-                            present = true;
-                            next = tokio::time::Instant::now() + self.interval();
-                        }
-                        Err(e) => {
-                            let wait = backoff.failed();
-                            tracing::warn!(error = %crate::error::report(&e), ?wait, "heartbeat failed; retrying");
-                            next = tokio::time::Instant::now() + wait;
-                        }
-                    }
+                    let call = async {
+                        if present { self.renew().await } else { self.register(health.draining()).await }
+                    };
+                    self.bounded(&shutdown, call).await
                 }
-                ok = health_changed => {
-                    if !ok {
-                        healthy = None;
-                    }
-                    let drain = draining(&healthy);
+                Some(()) = health.changed() => {
+                    let drain = health.draining();
                     tracing::info!(draining = drain, "the app's health changed");
-                    if let Err(e) = self.set_draining(drain).await {
-                        tracing::warn!(error = %crate::error::report(&e), "cannot update draining; retrying at the next heartbeat");
-                        present = false;
-                        next = tokio::time::Instant::now();
-                    }
+                    // Applied at the next heartbeat, with the registration.
+                    present = false;
+                    next = tokio::time::Instant::now();
+                    continue;
                 }
                 event = events.next() => {
                     let gone = match event {
@@ -304,14 +298,31 @@ impl Registrar {
                         Some(Ok(watcher::Event::InitApply(_) | watcher::Event::Apply(_))) => { listed = true; false }
                         Some(Ok(watcher::Event::InitDone)) => !listed,
                         Some(Ok(watcher::Event::Delete(_))) => true,
-                        // The watcher retries by itself; heartbeats go on meanwhile.
-                        Some(Err(_)) | None => false,
+                        Some(Err(e)) => {
+                            tracing::warn!(error = %e, "watching the instance failed; retrying with backoff");
+                            false
+                        }
+                        None => false,
                     };
-                    if gone && !shutdown.is_cancelled() {
+                    if gone {
                         tracing::warn!(name = %self.reg.name, "the instance was deleted from under the agent; registering it again");
                         present = false;
                         next = tokio::time::Instant::now();
                     }
+                    continue;
+                }
+            };
+            match result {
+                None => break,
+                Some(Ok(())) => {
+                    backoff.reset();
+                    present = true;
+                    next = tokio::time::Instant::now() + self.interval();
+                }
+                Some(Err(e)) => {
+                    let wait = backoff.failed();
+                    tracing::warn!(error = %crate::error::report(&e), ?wait, "heartbeat failed; retrying");
+                    next = tokio::time::Instant::now() + wait;
                 }
             }
         }
@@ -319,20 +330,43 @@ impl Registrar {
         self.end(end).await
     }
 
-    /// Drain, wait for consumers to notice, deregister: all within `end.grace`.
+    /// One API call, bounded by a heartbeat interval; `None` when `shutdown` came first.
+    async fn bounded(
+        &self,
+        shutdown: &CancellationToken,
+        call: impl std::future::Future<Output = Result<()>>,
+    ) -> Option<Result<()>> {
+        let limit = self.interval();
+        tokio::select! {
+            biased;
+            () = shutdown.cancelled() => None,
+            result = tokio::time::timeout(limit, call) => Some(result.unwrap_or_else(|_| {
+                Err(Error::Timeout { what: format!("a request for {}/{}", self.reg.namespace, self.reg.name), after: limit })
+            })),
+        }
+    }
+
+    /// Drain, wait for consumers to notice, deregister: all within `end.grace` of the call
+    /// (which [`Registrar::run`] makes as soon as shutdown comes).
     async fn end(&self, end: Shutdown) -> Result<()> {
         let deadline = tokio::time::Instant::now() + end.grace;
-        let attempt = async {
-            if let Err(e) = self.set_draining(true).await {
-                tracing::warn!(error = %crate::error::report(&e), "cannot mark the instance draining; deregistering");
-            } else {
+        // Marking it draining may take a third of the grace period at most; the rest is for the
+        // drain and the deletion.
+        let mark = tokio::time::timeout(end.grace / 3, self.set_draining(true)).await;
+        match mark {
+            Ok(Ok(())) => {
                 tracing::info!(drain = ?end.drain, "draining");
                 // Leave at least a second of the grace period for deregistration.
-                let drain = end
-                    .drain
-                    .min(end.grace.saturating_sub(Duration::from_secs(1)));
-                tokio::time::sleep(drain).await;
+                let latest = deadline - Duration::from_secs(1);
+                let until = (tokio::time::Instant::now() + end.drain).min(latest);
+                tokio::time::sleep_until(until).await;
             }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %crate::error::report(&e), "cannot mark the instance draining; deregistering");
+            }
+            Err(_) => tracing::warn!("marking the instance draining took too long; deregistering"),
+        }
+        let deregister = async {
             let mut backoff = Backoff::new(Duration::from_secs(1));
             loop {
                 match self.deregister().await {
@@ -345,15 +379,50 @@ impl Registrar {
                 }
             }
         };
-        match tokio::time::timeout_at(deadline, attempt).await {
+        match tokio::time::timeout_at(deadline, deregister).await {
             Ok(()) => {
                 tracing::info!(name = %self.reg.name, "deregistered");
                 Ok(())
             }
-            Err(_) => Err(Error::Invalid(format!(
-                "could not deregister {}/{} within the grace period ({:?}); the controller will expire it",
-                self.reg.namespace, self.reg.name, end.grace
-            ))),
+            Err(_) => Err(Error::Timeout {
+                what: format!(
+                    "deregistering {}/{} (the controller will expire it)",
+                    self.reg.namespace, self.reg.name
+                ),
+                after: end.grace,
+            }),
+        }
+    }
+}
+
+/// The app's health as the local probe reports it. It keeps the last value when the probe
+/// stops, so an ending probe never clears `draining`.
+struct Health {
+    rx: Option<watch::Receiver<bool>>,
+    open: bool,
+}
+
+impl Health {
+    fn new(rx: Option<watch::Receiver<bool>>) -> Health {
+        Health { rx, open: true }
+    }
+
+    /// Without a probe, never draining; with one, draining while the app is unhealthy.
+    fn draining(&self) -> bool {
+        self.rx.as_ref().is_some_and(|h| !*h.borrow())
+    }
+
+    /// Resolves on a change; `None` once the probe has stopped (and never again after that).
+    async fn changed(&mut self) -> Option<()> {
+        match self.rx.as_mut().filter(|_| self.open) {
+            Some(rx) => match rx.changed().await {
+                Ok(()) => Some(()),
+                Err(_) => {
+                    self.open = false;
+                    None
+                }
+            },
+            None => std::future::pending().await,
         }
     }
 }
@@ -387,7 +456,8 @@ impl Backoff {
         self.delays = Self::delays(self.cap);
     }
 
+    /// The next wait. backon adds its jitter after capping, so the cap is applied again.
     fn failed(&mut self) -> Duration {
-        self.delays.next().unwrap_or(self.cap)
+        self.delays.next().unwrap_or(self.cap).min(self.cap)
     }
 }

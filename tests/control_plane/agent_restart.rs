@@ -1,17 +1,18 @@
 //! `roster agent` through a restart of kube-apiserver (a control plane of this test's own, so
-//! the shared one is never restarted under other tests): its heartbeats fail while the
-//! apiserver is down, back off, and resume on the same instance once it is back.
+//! the shared one is never restarted under other tests), beside a controller: its heartbeats
+//! fail while the apiserver is down, back off, and resume on the same instance once it is back,
+//! and the instance never leaves Ready.
 
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::Api;
 use roster::{
-    api::ServiceInstance,
+    api::{Phase, ServiceInstance},
     control_plane::{ControlPlane, Options},
 };
 
-use crate::harness::ControllerProcess;
+use crate::harness::{ControllerProcess, History, await_phase};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -31,6 +32,7 @@ async fn the_agent_keeps_heartbeating_its_instance_through_an_apiserver_restart(
         .await
         .expect("install the CRD");
     let kubeconfig = cp.kubeconfig().to_string_lossy().to_string();
+    let _controller = ControllerProcess::start(cp.kubeconfig(), "default");
     let mut agent = ControllerProcess::spawn(&[
         "agent",
         "--kubeconfig",
@@ -62,6 +64,8 @@ async fn the_agent_keeps_heartbeating_its_instance_through_an_apiserver_restart(
         );
         tokio::time::sleep(Duration::from_millis(100)).await; // polling interval
     };
+    await_phase(&instances, "web", Phase::Ready, TIMEOUT).await;
+    let history = History::start(instances.clone()).await;
 
     cp.restart_apiserver()
         .await
@@ -89,8 +93,14 @@ async fn the_agent_keeps_heartbeating_its_instance_through_an_apiserver_restart(
         tokio::time::sleep(Duration::from_millis(100)).await; // polling interval
     }
     // The same instance, not a new registration, and the agent is still running.
-    let si = instances.get("web").await.expect("the instance");
+    let si = await_phase(&instances, "web", Phase::Ready, TIMEOUT).await;
     assert_eq!(si.metadata.uid, uid);
+    let phases: Vec<Option<Phase>> = history.of("web").iter().map(|s| s.phase).collect();
+    assert_eq!(
+        phases,
+        [Some(Phase::Ready)],
+        "it left Ready through the restart"
+    );
     assert!(agent.running(), "the agent exited:\n{}", agent.output());
     assert!(
         agent.output().contains("heartbeat failed; retrying"),
