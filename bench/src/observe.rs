@@ -12,7 +12,10 @@ use futures::StreamExt;
 use k8s_openapi::api::{core::v1::ConfigMap, discovery::v1::EndpointSlice};
 use kube::{
     Api, Client, ResourceExt,
-    runtime::watcher::{self, Event, watcher},
+    runtime::{
+        WatchStreamExt,
+        watcher::{self, Event, watcher},
+    },
 };
 
 /// Where an address was seen.
@@ -96,6 +99,24 @@ impl State {
     }
 }
 
+/// The observer's watches retry every 200 ms. Without a backoff a failing watch retries in a
+/// busy loop that never yields (and keeps the runtime from shutting down at the end); with
+/// kube's default (up to 30 s) the observer would come back long after the apiserver does, and
+/// time what it sees then. A fixed short wait is neither: hence this, not `default_backoff`.
+#[derive(Clone, Copy, Default)]
+struct Retry;
+
+impl Iterator for Retry {
+    type Item = std::time::Duration;
+    fn next(&mut self) -> Option<std::time::Duration> {
+        Some(std::time::Duration::from_millis(200))
+    }
+}
+
+impl kube::runtime::utils::Backoff for Retry {
+    fn reset(&mut self) {}
+}
+
 #[derive(Clone, Default)]
 pub struct Observer {
     state: Arc<Mutex<State>>,
@@ -155,11 +176,13 @@ impl Observer {
             Api::<EndpointSlice>::all(client.clone()),
             watcher::Config::default(),
         )
+        .backoff(Retry)
         .map(|e| e.map(|e| (View::Slice, convert(e, slice_ready))));
         let maps = watcher(
             Api::<ConfigMap>::all(client.clone()),
             watcher::Config::default().labels("app.kubernetes.io/managed-by=roster.dev"),
         )
+        .backoff(Retry)
         .map(|e| e.map(|e| (View::ConfigMap, convert(e, config_map_ready))));
         let state = observer.state.clone();
         tokio::spawn(async move {

@@ -551,7 +551,7 @@ impl History {
     /// Starts watching; returns once the watch has listed what is there.
     pub async fn start(api: Api<roster::api::ServiceInstance>) -> History {
         use futures::StreamExt;
-        use kube::runtime::watcher;
+        use kube::runtime::{WatchStreamExt, watcher};
         let seen = Arc::new(Mutex::new(Vec::<Seen>::new()));
         let (sink, (listed_tx, listed_rx)) = (seen.clone(), tokio::sync::oneshot::channel());
         let changes = tokio::sync::watch::Sender::new(0u64);
@@ -560,7 +560,15 @@ impl History {
             let mut listed = Some(listed_tx);
             let mut last: std::collections::HashMap<String, Option<roster::api::Phase>> =
                 Default::default();
-            let mut events = watcher(api, watcher::Config::default()).boxed();
+            // Retries within half a second: no busy loop while the apiserver is down (a test
+            // may restart it), and back soon enough to see what follows.
+            let retry = backon::ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(100))
+                .with_max_delay(Duration::from_millis(500))
+                .without_max_times();
+            let mut events = watcher(api, watcher::Config::default())
+                .backoff(watcher::ExponentialBackoff::from(retry))
+                .boxed();
             while let Some(event) = events.next().await {
                 let (si, deleted) = match event {
                     Ok(watcher::Event::Apply(si) | watcher::Event::InitApply(si)) => (si, false),
