@@ -17,7 +17,9 @@ use roster::api::{Phase, ServiceInstance};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::harness::{self, ControllerProcess, TestNamespace, await_phase, wait_deleted, wait_for};
+use crate::harness::{
+    self, ControllerProcess, Renewals, TestNamespace, await_phase, wait_deleted, wait_for,
+};
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -46,11 +48,6 @@ async fn agent(ns: &str, name: &str, extra: &[&str]) -> ControllerProcess {
 
 fn draining(si: Option<&ServiceInstance>) -> bool {
     si.is_some_and(|si| si.spec.draining)
-}
-
-async fn renew_time(leases: &Api<Lease>, name: &str) -> Option<String> {
-    let lease = leases.get_opt(name).await.ok().flatten()?;
-    Some(format!("{:?}", lease.spec?.renew_time?.0))
 }
 
 #[tokio::test]
@@ -102,16 +99,10 @@ async fn the_agent_registers_heartbeats_and_on_sigterm_drains_then_deregisters()
     assert_eq!(si.spec.ttl_seconds, Some(3));
     // Heartbeats: the Lease's renewTime moves, again and again: seven renewals a second apart
     // outlast two TTLs.
-    let mut seen = Vec::new();
-    let deadline = Instant::now() + TIMEOUT;
-    while seen.len() < 7 {
-        assert!(Instant::now() < deadline, "renewals seen: {seen:?}");
-        let now = renew_time(&leases, "web-1").await;
-        if now.is_some() && seen.last() != now.as_ref() {
-            seen.extend(now);
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await; // polling interval
-    }
+    let renewals = Renewals::start(leases.clone(), "web-1");
+    renewals
+        .await_after(jiff::Timestamp::now(), 7, TIMEOUT)
+        .await;
     // Still Ready two TTLs later: the Lease is what keeps it alive.
     assert_eq!(
         harness::phase(api.get("web-1").await.ok().as_ref()),
@@ -162,6 +153,7 @@ async fn the_agent_registers_again_what_is_deleted_and_keeps_one_heartbeat_loop(
     let leases: Api<Lease> = Api::namespaced(client.clone(), &ns.name);
     // TTL 3 s: a renewal every second.
     let _agent = agent(&ns.name, "web-3", &["--ttl", "3s"]).await;
+    let renewals = Renewals::start(leases.clone(), "web-3");
     let first = await_phase(&api, "web-3", Phase::Ready, TIMEOUT).await;
     let first_uid = first.metadata.uid.clone().unwrap_or_default();
     for _ in 0..2 {
@@ -188,27 +180,14 @@ async fn the_agent_registers_again_what_is_deleted_and_keeps_one_heartbeat_loop(
         assert_ne!(again.metadata.uid.as_deref(), Some(first_uid.as_str()));
         await_phase(&api, "web-3", Phase::Ready, TIMEOUT).await;
     }
-    // One loop: over 6 s, one renewal a second (plus a retry or two if one failed). Two loops
-    // would renew about twice as often.
-    let window = Duration::from_secs(6);
-    let start = jiff::Timestamp::now();
-    let mut renewals: Vec<jiff::Timestamp> = Vec::new();
-    let end = Instant::now() + window;
-    while Instant::now() < end {
-        let lease = leases.get("web-3").await.expect("the Lease");
-        if let Some(t) = lease.spec.and_then(|s| s.renew_time).map(|t| t.0)
-            && t > start
-            && renewals.last() != Some(&t)
-        {
-            renewals.push(t);
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await; // polling interval
-    }
-    assert!(
-        (4..=8).contains(&renewals.len()),
-        "{} renewals in {window:?}: {renewals:?}",
-        renewals.len()
-    );
+    // One loop: renewals a second apart on average over seven of them (a retry after a failed
+    // one comes sooner, but one retry cannot pull the mean below 0.7 s). Two loops would renew
+    // about twice as often: a mean near 0.5 s.
+    let seen = renewals
+        .await_after(jiff::Timestamp::now(), 7, TIMEOUT)
+        .await;
+    let span = seen[6].duration_since(seen[0]).as_secs_f64();
+    assert!(span / 6.0 >= 0.7, "mean gap {:.2} s: {seen:?}", span / 6.0);
 }
 
 /// A minimal HTTP app on loopback whose every answer is 200 while the flag holds, else 503.

@@ -560,14 +560,8 @@ impl History {
             let mut listed = Some(listed_tx);
             let mut last: std::collections::HashMap<String, Option<roster::api::Phase>> =
                 Default::default();
-            // Retries within half a second: no busy loop while the apiserver is down (a test
-            // may restart it), and back soon enough to see what follows.
-            let retry = backon::ExponentialBuilder::default()
-                .with_min_delay(Duration::from_millis(100))
-                .with_max_delay(Duration::from_millis(500))
-                .without_max_times();
             let mut events = watcher(api, watcher::Config::default())
-                .backoff(watcher::ExponentialBackoff::from(retry))
+                .backoff(short_retry())
                 .boxed();
             while let Some(event) = events.next().await {
                 let (si, deleted) = match event {
@@ -641,6 +635,89 @@ impl History {
 }
 
 impl Drop for History {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A test watch's backoff: retries within half a second, so there is no busy loop while the
+/// apiserver is down (a test may restart it), and the watch is back soon enough to see what
+/// follows.
+fn short_retry() -> kube::runtime::watcher::ExponentialBackoff {
+    let retry = backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_millis(500))
+        .without_max_times();
+    kube::runtime::watcher::ExponentialBackoff::from(retry)
+}
+
+/// Every renewal of one Lease (its distinct `renewTime`s, the renewer's own timestamps), as a
+/// watch saw them, so tests await heartbeats instead of polling for them.
+pub struct Renewals {
+    seen: Arc<Mutex<Vec<jiff::Timestamp>>>,
+    changes: tokio::sync::watch::Sender<u64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Renewals {
+    pub fn start(api: Api<k8s_openapi::api::coordination::v1::Lease>, name: &str) -> Renewals {
+        use futures::StreamExt;
+        use kube::runtime::{WatchStreamExt, watcher};
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let changes = tokio::sync::watch::Sender::new(0u64);
+        let (sink, notify) = (seen.clone(), changes.clone());
+        let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+        let task = tokio::spawn(async move {
+            let mut leases = watcher(api, config)
+                .backoff(short_retry())
+                .applied_objects()
+                .boxed();
+            while let Some(lease) = leases.next().await {
+                let renewed = lease.ok().and_then(|l| l.spec?.renew_time).map(|t| t.0);
+                if let (Some(t), Ok(mut seen)) = (renewed, sink.lock())
+                    && seen.last() != Some(&t)
+                {
+                    seen.push(t);
+                    drop(seen);
+                    notify.send_modify(|n| *n += 1);
+                }
+            }
+        });
+        Renewals {
+            seen,
+            changes,
+            task,
+        }
+    }
+
+    /// Renewals stamped after `after`.
+    pub fn after(&self, after: jiff::Timestamp) -> Vec<jiff::Timestamp> {
+        self.seen
+            .lock()
+            .map(|s| s.iter().copied().filter(|t| *t > after).collect())
+            .unwrap_or_default()
+    }
+
+    /// Waits until `n` renewals stamped after `after` have been seen; returns them.
+    pub async fn await_after(
+        &self,
+        after: jiff::Timestamp,
+        n: usize,
+        timeout: Duration,
+    ) -> Vec<jiff::Timestamp> {
+        let mut changes = self.changes.subscribe();
+        let enough = changes.wait_for(|_| self.after(after).len() >= n);
+        match tokio::time::timeout(timeout, enough).await {
+            Ok(Ok(_)) => self.after(after),
+            _ => panic!(
+                "{n} renewals after {after} not seen within {timeout:?}; saw {:?}",
+                self.after(after)
+            ),
+        }
+    }
+}
+
+impl Drop for Renewals {
     fn drop(&mut self) {
         self.task.abort();
     }
