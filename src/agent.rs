@@ -11,8 +11,8 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     Error, Result,
     api::{HealthCheck, HttpCheck, InstancePort, PortRef, TcpCheck},
+    cli::parse_duration,
     client::register::{PodRef, Registrar, Registration, Shutdown},
-    controller::parse_duration,
     probe::{self, Streak, Verdict},
 };
 
@@ -165,7 +165,7 @@ impl AgentArgs {
 /// Runs the agent until `shutdown`, then drains and deregisters.
 pub async fn run(args: &AgentArgs, shutdown: CancellationToken) -> Result<()> {
     let registration = args.registration()?;
-    let (client, _) = crate::controller::connect(args.kubeconfig.as_ref(), None).await?;
+    let (client, _) = crate::cli::connect(args.kubeconfig.as_ref(), None).await?;
     let registrar = Registrar::new(client, registration)?;
     // With a probe, the instance registers draining and leaves it at the first passing check,
     // as a readiness probe gates a Pod: no traffic before the app answers.

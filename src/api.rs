@@ -409,7 +409,7 @@ mod tests {
         use crate::{
             api::ServiceInstance,
             liveness::{Observations, Sight, Signals, Tick},
-            projection::{self, Member},
+            projection::{self, Backend},
             status::{self, SignalProblems},
         };
 
@@ -497,7 +497,7 @@ mod tests {
                 let Ok(si) = serde_json::from_value::<ServiceInstance>(object) else {
                     return Ok(());
                 };
-                let members: Vec<Member> = Member::from_instance(&si).into_iter().collect();
+                let members: Vec<Backend> = Backend::from_instance(&si).into_iter().collect();
                 for m in &members {
                     let _ = m.endpoint_problem();
                     let _ = m.conditions();

@@ -65,7 +65,7 @@ pub async fn run(args: DevArgs, shutdown: CancellationToken) -> Result<()> {
             (Some(cp), out)
         }
     };
-    let (client, _) = controller::connect(Some(&kubeconfig), None).await?;
+    let (client, _) = crate::cli::connect(Some(&kubeconfig), None).await?;
     install_crd(&client).await?;
 
     // The controller's own defaults, as `roster controller` would parse them.

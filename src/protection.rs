@@ -33,9 +33,9 @@ pub struct Threshold {
     pub min_instances: usize,
 }
 
-/// The protection settings.
+/// When protection engages, and how long it may hold.
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Settings {
+pub struct Policy {
     pub service: Threshold,
     pub global: Threshold,
     /// Protection releases after this long, recovered or not.
@@ -143,14 +143,14 @@ pub enum Silence {
 
 /// One instance, as protection sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
-struct Member {
+struct Tracked {
     service: Scope,
     silence: Silence,
     /// Its TTL: the window within which falling silent counts as "at once".
     window: Duration,
 }
 
-impl Member {
+impl Tracked {
     fn silent(&self) -> bool {
         self.silence != Silence::None
     }
@@ -166,14 +166,14 @@ impl Member {
 }
 
 /// An instance's key: namespace and name.
-pub type Key = (String, String);
+pub type InstanceKey = (String, String);
 
 /// A change of a scope's protection, to announce, and the instances to judge again.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Change {
     pub scope: Scope,
     pub kind: ChangeKind,
-    pub affected: Vec<Key>,
+    pub affected: Vec<InstanceKey>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -197,8 +197,8 @@ pub struct Protection {
 /// Protection state of every scope, fed with every judgement.
 #[derive(Debug)]
 pub struct Guard {
-    settings: Settings,
-    members: HashMap<Key, Member>,
+    policy: Policy,
+    members: HashMap<InstanceKey, Tracked>,
     scopes: HashMap<Scope, Counts>,
 }
 
@@ -210,28 +210,28 @@ struct Counts {
 }
 
 impl Guard {
-    pub fn new(settings: Settings) -> Guard {
+    pub fn new(policy: Policy) -> Guard {
         Guard {
-            settings,
+            policy,
             members: HashMap::new(),
             scopes: HashMap::new(),
         }
     }
 
-    pub fn settings(&self) -> Settings {
-        self.settings
+    pub fn policy(&self) -> Policy {
+        self.policy
     }
 
     /// Records an instance's judgement.
     pub fn report(
         &mut self,
-        key: Key,
+        key: InstanceKey,
         service: Scope,
         silence: Silence,
         window: Duration,
         now: Tick,
     ) -> Vec<Change> {
-        let member = Member {
+        let member = Tracked {
             service,
             silence,
             window,
@@ -252,7 +252,7 @@ impl Guard {
     }
 
     /// Forgets a deleted instance.
-    pub fn forget(&mut self, key: &Key, now: Tick) -> Vec<Change> {
+    pub fn forget(&mut self, key: &InstanceKey, now: Tick) -> Vec<Change> {
         let Some(old) = self.members.remove(key) else {
             return Vec::new();
         };
@@ -274,7 +274,7 @@ impl Guard {
     /// What protection does for instance `key` now, if anything: deletion is frozen for every
     /// instance of an engaged scope; readiness is held for those that fell silent within the
     /// window.
-    pub fn protects(&self, key: &Key) -> Option<Protection> {
+    pub fn protects(&self, key: &InstanceKey) -> Option<Protection> {
         let member = self.members.get(key)?;
         [member.service.clone(), Scope::All]
             .into_iter()
@@ -285,7 +285,7 @@ impl Guard {
                     total,
                 } => Some(Protection {
                     readiness_held: member.held(since),
-                    until: since + self.settings.max_duration,
+                    until: since + self.policy.max_duration,
                     scope,
                     silent,
                     total,
@@ -303,7 +303,7 @@ impl Guard {
             .map(|(s, _)| s)
     }
 
-    fn count(&mut self, member: &Member, delta: isize) {
+    fn count(&mut self, member: &Tracked, delta: isize) {
         for scope in [member.service.clone(), Scope::All] {
             let counts = self.scopes.entry(scope).or_insert(Counts {
                 total: 0,
@@ -317,7 +317,10 @@ impl Guard {
         }
     }
 
-    fn in_scope<'a>(&'a self, scope: &'a Scope) -> impl Iterator<Item = (&'a Key, &'a Member)> {
+    fn in_scope<'a>(
+        &'a self,
+        scope: &'a Scope,
+    ) -> impl Iterator<Item = (&'a InstanceKey, &'a Tracked)> {
         self.members
             .iter()
             .filter(move |(_, m)| *scope == Scope::All || m.service == *scope)
@@ -334,8 +337,8 @@ impl Guard {
                 continue;
             };
             let threshold = match scope {
-                Scope::All => self.settings.global,
-                Scope::Service { .. } => self.settings.service,
+                Scope::All => self.policy.global,
+                Scope::Service { .. } => self.policy.service,
             };
             let state = counts.state;
             let mut census = Census {
@@ -357,7 +360,7 @@ impl Guard {
                 }
                 _ => {}
             }
-            let (next, release) = step(state, census, threshold, self.settings.max_duration, now);
+            let (next, release) = step(state, census, threshold, self.policy.max_duration, now);
             let kind = match (state, next, release) {
                 (State::Armed, State::Engaged { silent, total, .. }, _) => {
                     Some((ChangeKind::Engaged { silent, total }, next))
@@ -370,7 +373,7 @@ impl Guard {
                     unreachable!("both arms carry an engaged state")
                 };
                 let _ = since;
-                let mut affected: Vec<Key> = self
+                let mut affected: Vec<InstanceKey> = self
                     .in_scope(scope)
                     .filter(|(_, m)| m.silent())
                     .map(|(k, _)| k.clone())
@@ -472,7 +475,7 @@ mod tests {
         }
     }
 
-    fn key(name: &str) -> Key {
+    fn key(name: &str) -> InstanceKey {
         ("ns".to_string(), name.to_string())
     }
 
@@ -484,7 +487,7 @@ mod tests {
     }
 
     fn guard() -> Guard {
-        Guard::new(Settings {
+        Guard::new(Policy {
             service: T,
             global: Threshold {
                 share: 0.5,

@@ -14,14 +14,22 @@ use crate::{
     probe::Verdict,
 };
 
-/// Condition type: whether the instance should receive traffic.
-pub const READY: &str = "Ready";
-/// Condition type: whether heartbeats arrive within the TTL, and from where.
-pub const HEARTBEATING: &str = "Heartbeating";
-/// Condition type: the result of the instance's health check, if it declares one.
-pub const HEALTH_CHECK: &str = "HealthCheck";
-/// Condition type: protection against mass expiry holds the instance (present only then).
-pub const PROTECTED: &str = "Protected";
+/// The condition types of an instance's status, in one place.
+pub mod conditions {
+    /// Whether the instance should receive traffic.
+    pub const READY: &str = "Ready";
+    /// Whether heartbeats arrive within the TTL, and from where.
+    pub const HEARTBEATING: &str = "Heartbeating";
+    /// The result of the instance's health check, if it declares one.
+    pub const HEALTH_CHECK: &str = "HealthCheck";
+    /// Protection against mass expiry holds the instance (present only then).
+    pub const PROTECTED: &str = "Protected";
+    /// Set by the projector: the instance, or its service, cannot be projected as asked
+    /// (present only then).
+    pub const PROJECTED: &str = "Projected";
+}
+
+use conditions::{HEALTH_CHECK, HEARTBEATING, PROTECTED, READY};
 
 /// What else the status reports besides the verdict: problems with the heartbeat signals (on
 /// the `Heartbeating` condition), the health check, and protection against mass expiry.

@@ -49,19 +49,19 @@ struct Args {
     #[arg(long, value_enum, default_value_t = Mode::Annotation)]
     heartbeat: Mode,
     /// Each instance heartbeats this often (default: a total of 100 heartbeats/s).
-    #[arg(long, value_parser = roster::controller::parse_duration)]
+    #[arg(long, value_parser = roster::cli::parse_duration)]
     interval: Option<Duration>,
     /// ttlSeconds of every instance (default: 3 × the interval).
     #[arg(long)]
     ttl: Option<u64>,
     /// How long the steady phase counts writes per heartbeat.
-    #[arg(long, value_parser = roster::controller::parse_duration)]
+    #[arg(long, value_parser = roster::cli::parse_duration)]
     steady: Option<Duration>,
     /// Heartbeat rates (per second) tried to find the knee.
     #[arg(long, value_delimiter = ',')]
     knee_rates: Option<Vec<f64>>,
     /// How long each rate is held.
-    #[arg(long, value_parser = roster::controller::parse_duration)]
+    #[arg(long, value_parser = roster::cli::parse_duration)]
     knee_step: Option<Duration>,
     /// Where results go.
     #[arg(long, default_value = "target/bench")]

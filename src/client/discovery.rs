@@ -353,11 +353,11 @@ mod tests {
     use super::*;
     use crate::{
         api::{InstancePort, Phase},
-        projection::{Member, config_json},
+        projection::{Backend, config_json},
     };
 
-    fn member(name: &str, phase: Phase, weight: i32, zone: Option<&str>) -> Member {
-        Member {
+    fn member(name: &str, phase: Phase, weight: i32, zone: Option<&str>) -> Backend {
+        Backend {
             name: name.into(),
             uid: format!("uid-{name}"),
             address: format!("10.0.0.{}", name.len()),

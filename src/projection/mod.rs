@@ -13,12 +13,14 @@ use serde::Serialize;
 
 use crate::api::{InstancePort, Phase, ServiceInstance};
 
+pub mod objects;
+
 /// At most this many endpoints per EndpointSlice, as the built-in controller.
 pub const MAX_ENDPOINTS_PER_SLICE: usize = 100;
 
 /// One instance, as the projection sees it.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct Member {
+pub struct Backend {
     pub name: String,
     pub uid: String,
     pub address: String,
@@ -31,9 +33,9 @@ pub struct Member {
     pub deleting: bool,
 }
 
-impl Member {
-    pub fn from_instance(si: &ServiceInstance) -> Option<Member> {
-        Some(Member {
+impl Backend {
+    pub fn from_instance(si: &ServiceInstance) -> Option<Backend> {
+        Some(Backend {
             name: si.metadata.name.clone()?,
             uid: si.metadata.uid.clone()?,
             address: si.spec.address.clone(),
@@ -194,7 +196,7 @@ pub struct DesiredSlice {
     pub name: String,
     pub key: SliceKey,
     /// Sorted by name.
-    pub members: Vec<Member>,
+    pub members: Vec<Backend>,
 }
 
 /// Packs the members into slices of at most [`MAX_ENDPOINTS_PER_SLICE`], keeping every endpoint
@@ -202,10 +204,10 @@ pub struct DesiredSlice {
 /// change rewrites one slice. New endpoints fill existing slices with room first (in name
 /// order), then new slices named `<service>-<n>` with the smallest free `n`. Slices left empty
 /// are not in the result: the caller deletes them.
-pub fn pack(service: &str, members: &[Member], existing: &[ExistingSlice]) -> Vec<DesiredSlice> {
-    let by_name: BTreeMap<&str, &Member> = members.iter().map(|m| (m.name.as_str(), m)).collect();
+pub fn pack(service: &str, members: &[Backend], existing: &[ExistingSlice]) -> Vec<DesiredSlice> {
+    let by_name: BTreeMap<&str, &Backend> = members.iter().map(|m| (m.name.as_str(), m)).collect();
     let mut placed: BTreeSet<&str> = BTreeSet::new();
-    let mut slices: BTreeMap<String, (SliceKey, Vec<&Member>)> = BTreeMap::new();
+    let mut slices: BTreeMap<String, (SliceKey, Vec<&Backend>)> = BTreeMap::new();
 
     let mut existing: Vec<&ExistingSlice> = existing.iter().collect();
     existing.sort_by(|a, b| a.name.cmp(&b.name));
@@ -249,7 +251,7 @@ pub fn pack(service: &str, members: &[Member], existing: &[ExistingSlice]) -> Ve
         .into_iter()
         .filter(|(_, (_, ms))| !ms.is_empty())
         .map(|(name, (key, ms))| {
-            let mut members: Vec<Member> = ms.into_iter().cloned().collect();
+            let mut members: Vec<Backend> = ms.into_iter().cloned().collect();
             members.sort_by(|a, b| a.name.cmp(&b.name));
             DesiredSlice { name, key, members }
         })
@@ -258,7 +260,7 @@ pub fn pack(service: &str, members: &[Member], existing: &[ExistingSlice]) -> Ve
 
 /// The Service's ports: one per port name across the instances, with the lowest port number
 /// seen for that name (a selectorless Service forwards by name to each endpoint's own number).
-pub fn service_ports(members: &[Member]) -> Vec<PortKey> {
+pub fn service_ports(members: &[Backend]) -> Vec<PortKey> {
     let mut by_name: BTreeMap<String, PortKey> = BTreeMap::new();
     for port in members
         .iter()
@@ -302,8 +304,8 @@ struct JsonView<'a> {
 
 /// Deterministic JSON of the service's instances (sorted by name; maps sorted by key): the
 /// same registry always gives the same bytes, so an unchanged view is never rewritten.
-pub fn config_json(service: &str, members: &[Member]) -> String {
-    let mut sorted: Vec<&Member> = members.iter().collect();
+pub fn config_json(service: &str, members: &[Backend]) -> String {
+    let mut sorted: Vec<&Backend> = members.iter().collect();
     sorted.sort_by(|a, b| a.name.cmp(&b.name));
     let view = JsonView {
         service,
@@ -337,8 +339,8 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn member(name: &str, address: &str, phase: Phase) -> Member {
-        Member {
+    fn member(name: &str, address: &str, phase: Phase) -> Backend {
+        Backend {
             name: name.into(),
             uid: format!("uid-{name}"),
             address: address.into(),
@@ -351,7 +353,7 @@ mod tests {
         }
     }
 
-    fn many(n: usize) -> Vec<Member> {
+    fn many(n: usize) -> Vec<Backend> {
         (0..n)
             .map(|i| {
                 member(
@@ -488,7 +490,7 @@ mod tests {
     fn deleted_members_leave_and_empty_slices_go() {
         let members = many(150);
         let slices = pack("web", &members, &[]);
-        let remaining: Vec<Member> = members[..100].to_vec();
+        let remaining: Vec<Backend> = members[..100].to_vec();
         let again = pack("web", &remaining, &as_existing(&slices));
         assert_eq!(again.len(), 1);
         assert_eq!(again[0].name, "web-0");
@@ -521,7 +523,7 @@ mod tests {
         assert_eq!(parsed["instances"][1]["metadata"]["version"], "2");
     }
 
-    fn arb_member() -> impl Strategy<Value = Member> {
+    fn arb_member() -> impl Strategy<Value = Backend> {
         (0u32..400, 0u8..3, 0u8..4, 0u8..2).prop_map(|(i, ty, phase, ports)| {
             let address = match ty {
                 0 => format!("10.0.{}.{}", i / 200, i % 200),
@@ -542,7 +544,7 @@ mod tests {
         })
     }
 
-    fn dedup(members: Vec<Member>) -> Vec<Member> {
+    fn dedup(members: Vec<Backend>) -> Vec<Backend> {
         let mut seen = BTreeSet::new();
         members
             .into_iter()
@@ -577,7 +579,7 @@ mod tests {
             let home: BTreeMap<&str, &str> = first.iter()
                 .flat_map(|s| s.members.iter().map(move |m| (m.name.as_str(), s.name.as_str())))
                 .collect();
-            let before_by_name: BTreeMap<&str, &Member> = before.iter().map(|m| (m.name.as_str(), m)).collect();
+            let before_by_name: BTreeMap<&str, &Backend> = before.iter().map(|m| (m.name.as_str(), m)).collect();
             for s in &slices {
                 for m in &s.members {
                     if let (Some(old), Some(prev)) = (home.get(m.name.as_str()), before_by_name.get(m.name.as_str()))

@@ -1,0 +1,374 @@
+//! The ServiceInstance controller: thin glue between the watch, the pure status logic in
+//! [`crate::status`], and Server-Side Apply writes.
+
+mod decode;
+mod events;
+mod expire;
+mod reconcile;
+mod settings;
+mod views;
+
+pub use settings::Settings;
+
+use std::{
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use futures::StreamExt;
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::{
+    Api, Client,
+    api::{ApiResource, DynamicObject, ListParams},
+    runtime::{
+        WatchStreamExt,
+        controller::{self, Controller},
+        events::{Recorder, Reporter},
+        reflector::{self},
+        watcher::{self, watcher},
+    },
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::cli::connect;
+use crate::{
+    Error, Result,
+    api::ServiceInstance,
+    leader::{self, TermEnd},
+    metrics::Metrics,
+    names::REPORTER,
+    prober, projector,
+    protection::{self},
+    server::{self, Health},
+};
+use decode::{Decoder, report_undecodable};
+use events::announce;
+use reconcile::{Context, error_policy, reconcile};
+use views::Views;
+
+/// The longest a graceful shutdown waits for in-flight work.
+pub(super) const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Fails with a clear error when the apiserver cannot be reached or the CRD is missing, so the
+/// controller exits with a message instead of retrying a watch that can never succeed.
+pub async fn preflight(client: &Client, url: &str, namespace: Option<&str>) -> Result<()> {
+    client
+        .apiserver_version()
+        .await
+        .map_err(|source| Error::Unreachable {
+            url: url.to_string(),
+            source,
+        })?;
+    match instances(client.clone(), namespace)
+        .list_metadata(&ListParams::default().limit(1))
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) if status.code == 404 => Err(Error::CrdNotInstalled {
+            url: url.to_string(),
+        }),
+        Err(e) => Err(Error::kube("list ServiceInstances")(e)),
+    }
+}
+
+pub(super) fn instances(client: Client, namespace: Option<&str>) -> Api<ServiceInstance> {
+    match namespace {
+        Some(ns) => Api::namespaced(client, ns),
+        None => Api::all(client),
+    }
+}
+
+/// Runs the controller and its HTTP endpoints until `shutdown` is cancelled: stands for
+/// election, and leads while it holds the Lease. Every term starts from nothing (fresh caches,
+/// fresh observations), which is what gives every instance a full TTL after a leader change.
+pub async fn run(settings: &Settings, shutdown: CancellationToken) -> Result<()> {
+    let election = settings.election()?;
+    settings.defaults()?;
+    let (client, url) = connect(settings.kubeconfig.as_ref(), settings.context.as_ref()).await?;
+    preflight(&client, &url, settings.namespace.as_deref()).await?;
+
+    let metrics = Arc::new(Metrics::default());
+    let health = Health {
+        metrics: metrics.clone(),
+        ready: Arc::default(),
+    };
+    let (addr, serve) = server::bind(&settings.http_addr, health.clone(), shutdown.clone()).await?;
+    tracing::info!(%addr, version = crate::version(), "serving /healthz, /readyz and /metrics");
+    let serve = tokio::spawn(serve);
+
+    let identity = election.identity.clone();
+    let lease = format!("{}/{}", election.namespace, election.name);
+    let elector = Arc::new(leader::Elector::new(client.clone(), election));
+    let process = Process {
+        client,
+        url,
+        metrics: metrics.clone(),
+        health: health.clone(),
+        elector: elector.clone(),
+        shutdown: shutdown.clone(),
+    };
+    let result = loop {
+        // A standby that reaches the apiserver is ready: it is healthy and waiting its turn.
+        let ready = health.ready.clone();
+        if !elector
+            .acquire(&shutdown, || ready.store(true, Ordering::Relaxed))
+            .await
+        {
+            break Ok(());
+        }
+        tracing::info!(%identity, %lease, "became leader");
+        metrics.set_leader(true);
+        let term = shutdown.child_token();
+        let hold = {
+            let (elector, term) = (elector.clone(), term.clone());
+            tokio::spawn(async move {
+                let end = elector.hold(&term).await;
+                term.cancel();
+                end
+            })
+        };
+        let led = lead(settings, &process, &term).await;
+        term.cancel();
+        let end = hold.await.unwrap_or(TermEnd::Lost);
+        metrics.set_leader(false);
+        if let Err(e) = led {
+            break Err(e);
+        }
+        if shutdown.is_cancelled() {
+            elector.release().await;
+            break Ok(());
+        }
+        if end == TermEnd::Lost {
+            tracing::warn!("lost leadership: stopped writing; standing for election again");
+        }
+    };
+    shutdown.cancel();
+    match serve.await {
+        Ok(served) => served?,
+        Err(e) => tracing::warn!(error = %e, "HTTP server task"),
+    }
+    tracing::info!("controller stopped");
+    result
+}
+
+/// What outlives a term.
+pub(super) struct Process {
+    pub(super) client: Client,
+    pub(super) url: String,
+    pub(super) metrics: Arc<Metrics>,
+    pub(super) health: Health,
+    pub(super) elector: Arc<leader::Elector>,
+    pub(super) shutdown: CancellationToken,
+}
+
+/// One term as leader: watches, reconciles, projects and probes until `term` is cancelled (by
+/// shutdown or by the loss of the Lease).
+pub(super) async fn lead(
+    settings: &Settings,
+    process: &Process,
+    term: &CancellationToken,
+) -> Result<()> {
+    let Process {
+        client,
+        url,
+        metrics,
+        health,
+        elector,
+        shutdown,
+    } = process;
+    let client = client.clone();
+    let (projection, projection_keys) = projector::trigger();
+    // Verdict changes of health checks, and changes of protection, reconcile their instances.
+    let (requeue_tx, requeue_rx) = futures::channel::mpsc::unbounded();
+    let (announce_tx, announce_rx) = futures::channel::mpsc::unbounded();
+    let views = Arc::new(Views {
+        origin: tokio::time::Instant::now(),
+        relisted_at: AtomicU64::new(0),
+        leases_synced: AtomicBool::new(false),
+        instance_watch_broken: AtomicBool::new(false),
+        lease_watch_broken: AtomicBool::new(false),
+        lease_index: Mutex::default(),
+        observations: Mutex::default(),
+        written: Mutex::default(),
+        projection: projection.clone(),
+        membership: projector::Membership::default(),
+        prober: prober::spawn(
+            settings.probe_concurrency,
+            requeue_tx.clone(),
+            metrics.clone(),
+            term.clone(),
+        ),
+        elector: elector.clone(),
+        guard: Mutex::new(protection::Guard::new(settings.protection())),
+        announce: announce_tx,
+    });
+    let written = Arc::new(projector::Written::default());
+    let (services, slices, config_maps, synced) = projector::watch_children(
+        &client,
+        settings.namespace.as_deref(),
+        &projection,
+        &written,
+        term,
+    );
+
+    // Leases: renewals are heartbeats of the instances that name them.
+    let lease_api: Api<Lease> = match settings.namespace.as_deref() {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    let (lease_reader, lease_writer) = reflector::store();
+    let lease_views = views.clone();
+    let lease_events = watcher(lease_api, watcher::Config::default())
+        .default_backoff()
+        .reflect(lease_writer)
+        .inspect(move |event| {
+            let views = &lease_views;
+            views.watch_result(&views.lease_watch_broken, event.is_ok(), "Lease");
+            match event {
+                Ok(watcher::Event::Init) => views.relisted(),
+                Ok(watcher::Event::InitDone) => views.leases_synced.store(true, Ordering::Relaxed),
+                Err(e) => tracing::warn!(error = %e, "Lease watch"),
+                _ => {}
+            }
+        })
+        .touched_objects();
+
+    // ServiceInstances. Readiness is taken from this stream's first InitDone, not from
+    // `Store::wait_until_ready`: a second waiter beside the controller's own is never woken.
+    let (reader, writer) = reflector::store();
+    let ready = health.ready.clone();
+    let first_sync = Arc::new(AtomicBool::new(false));
+    let instance_views = views.clone();
+    let instances_synced = synced.clone();
+    let instance_reader = reader.clone();
+    let (relist_tx, relist_rx) = futures::channel::mpsc::unbounded::<()>();
+    // No generation predicate: annotation heartbeats do not bump the generation. Objects are
+    // watched raw and decoded one by one, so one that cannot be decoded is skipped instead of
+    // failing every list (and stalling the watch).
+    let (undecodable_tx, undecodable_rx) = futures::channel::mpsc::unbounded();
+    let decoder = Decoder {
+        bad: Mutex::default(),
+        metrics: metrics.clone(),
+        report: undecodable_tx,
+    };
+    let raw = ApiResource::erase::<ServiceInstance>(&());
+    let raw: Api<DynamicObject> = match settings.namespace.as_deref() {
+        Some(ns) => Api::namespaced_with(client.clone(), ns, &raw),
+        None => Api::all_with(client.clone(), &raw),
+    };
+    let events = watcher(raw, watcher::Config::default())
+        .default_backoff()
+        .filter_map(move |event| futures::future::ready(decoder.decode(event)))
+        .reflect(writer)
+        .inspect(move |event| {
+            let views = &instance_views;
+            views.watch_result(
+                &views.instance_watch_broken,
+                event.is_ok(),
+                "ServiceInstance",
+            );
+            match event {
+                Ok(event) => {
+                    views.on_instance_event(event);
+                    if let watcher::Event::InitDone = event {
+                        if !first_sync.swap(true, Ordering::Relaxed) {
+                            ready.store(true, Ordering::Relaxed);
+                            instances_synced.instances_synced();
+                            tracing::info!("ServiceInstance cache synced; ready");
+                        } else {
+                            // After a relist the cache was swapped in whole: reconcile everything,
+                            // so instances that appeared during the relist are judged too.
+                            let _ = relist_tx.unbounded_send(());
+                            views.projection.project_all();
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "ServiceInstance watch"),
+            }
+        })
+        .touched_objects();
+
+    let mapper_views = views.clone();
+    let controller = Controller::for_stream(events, reader)
+        .reconcile_all_on(relist_rx)
+        .reconcile_on(requeue_rx)
+        .watches_stream(lease_events, move |lease: Lease| {
+            mapper_views.instances_for(&lease)
+        })
+        .with_config(controller::Config::default().concurrency(settings.concurrency));
+
+    tracing::info!(cluster = %url, namespace = settings.namespace.as_deref().unwrap_or("<all>"), "controller started");
+    let reporter = Reporter {
+        controller: REPORTER.into(),
+        instance: std::env::var("POD_NAME")
+            .ok()
+            .or_else(|| std::env::var("HOSTNAME").ok()),
+    };
+    let recorder = Recorder::new(client.clone(), reporter);
+    let projector = Arc::new(projector::Projector::new(
+        client.clone(),
+        projector::Caches {
+            instances: instance_reader,
+            services,
+            slices,
+            config_maps,
+        },
+        metrics.clone(),
+        recorder.clone(),
+        projector::Options {
+            window: Duration::from_millis(settings.projection_window_ms),
+            concurrency: usize::from(settings.projection_concurrency),
+            headless: settings.headless_services,
+        },
+        synced,
+        written,
+    ));
+    tokio::spawn(projector.run(projection_keys, projection, term.clone()));
+    tokio::spawn(report_undecodable(
+        undecodable_rx,
+        recorder.clone(),
+        term.clone(),
+    ));
+    tokio::spawn(announce(
+        announce_rx,
+        views.clone(),
+        recorder.clone(),
+        metrics.clone(),
+        requeue_tx,
+        term.clone(),
+    ));
+    let ctx = Arc::new(Context {
+        recorder,
+        client,
+        metrics: metrics.clone(),
+        leases: lease_reader,
+        views,
+        defaults: settings.defaults()?,
+    });
+    let run = controller
+        .graceful_shutdown_on(term.clone().cancelled_owned())
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "reconcile loop");
+            }
+        });
+    // A shutdown finishes in-flight reconciles, but never waits longer than this: one that
+    // arrives before the first sync would otherwise wait for a sync that the stopped watch can
+    // no longer deliver. A lost term stops at once: another leader may be about to start.
+    let deadline = async {
+        term.cancelled().await;
+        if shutdown.is_cancelled() {
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        }
+    };
+    tokio::select! {
+        () = run => {}
+        () = deadline => tracing::warn!("stopping in-flight reconciles now"),
+    }
+    term.cancel();
+    Ok(())
+}

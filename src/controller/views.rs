@@ -1,0 +1,267 @@
+//! What the watch streams tell the reconciler: observations, the Lease index, watch health.
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::{
+    ResourceExt,
+    runtime::{
+        reflector::ObjectRef,
+        watcher::{self},
+    },
+};
+
+use crate::{
+    api::{ServiceInstance, ServiceInstanceStatus},
+    leader::{self},
+    liveness::{Observations, Tick},
+    prober,
+    projection::Backend,
+    projector,
+    protection::{self, ChangeKind},
+};
+
+/// What the watch streams tell the reconciler: when they last (re)started, whether the Lease
+/// cache is complete, which instances name which Lease, and the liveness observations.
+pub(super) struct Views {
+    /// Origin of the controller's monotonic clock.
+    pub(super) origin: tokio::time::Instant,
+    /// Nanoseconds after `origin` of the last (re)list of either watch.
+    pub(super) relisted_at: AtomicU64,
+    pub(super) leases_synced: AtomicBool,
+    /// A watch (of instances, of Leases) failed and has not delivered since: heartbeats may be
+    /// going unseen, so nothing is judged silent or expired until it recovers, and its recovery
+    /// starts a fresh view.
+    pub(super) instance_watch_broken: AtomicBool,
+    pub(super) lease_watch_broken: AtomicBool,
+    pub(super) lease_index: Mutex<LeaseIndex>,
+    pub(super) observations: Mutex<Observations>,
+    /// The last status this controller wrote, by uid: the cache can lag behind our own writes,
+    /// and comparing with a stale copy would write (and announce) a transition twice.
+    pub(super) written: Mutex<HashMap<String, ServiceInstanceStatus>>,
+    /// Where instance changes that matter to the projection are sent.
+    pub(super) projection: projector::Trigger,
+    pub(super) prober: prober::Prober,
+    pub(super) membership: projector::Membership,
+    /// The election, and with it [`leader::Contact`]: whether the apiserver answers.
+    pub(super) elector: Arc<leader::Elector>,
+    pub(super) guard: Mutex<protection::Guard>,
+    /// Where changes of protection go to be announced.
+    pub(super) announce: futures::channel::mpsc::UnboundedSender<Vec<protection::Change>>,
+}
+
+impl Views {
+    pub(super) fn now(&self) -> Tick {
+        Tick(self.origin.elapsed())
+    }
+
+    pub(super) fn relisted(&self) {
+        let nanos = u64::try_from(self.origin.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.relisted_at.fetch_max(nanos, Ordering::Relaxed);
+    }
+
+    /// The start of the current view: the last (re)list of a watch, or the moment the
+    /// apiserver answered again after it did not.
+    pub(super) fn view_floor(&self) -> Tick {
+        let relisted = Tick(Duration::from_nanos(
+            self.relisted_at.load(Ordering::Relaxed),
+        ));
+        let restored = self
+            .elector
+            .contact()
+            .restored_at()
+            .map(|at| Tick(at.saturating_duration_since(self.origin)))
+            .unwrap_or_default();
+        relisted.max(restored)
+    }
+
+    pub(super) fn instant(&self, tick: Tick) -> tokio::time::Instant {
+        self.origin + tick.0
+    }
+
+    pub(super) fn protection(&self) -> std::sync::MutexGuard<'_, protection::Guard> {
+        self.guard.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Sends changes of protection to be announced. A release gives every instance it held a
+    /// fresh TTL from now: the stragglers of a recovery are not deleted on the spot for a
+    /// silence that protection was covering.
+    pub(super) fn announce(&self, changes: Vec<protection::Change>) {
+        if changes.is_empty() {
+            return;
+        }
+        let now = self.now();
+        let mut observations = self
+            .observations
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        for change in &changes {
+            if let ChangeKind::Released(_) = change.kind {
+                for (namespace, name) in &change.affected {
+                    observations.rebase(namespace, name, now);
+                }
+            }
+        }
+        drop(observations);
+        let _ = self.announce.unbounded_send(changes);
+    }
+
+    pub(super) fn index(&self, si: &ServiceInstance, present: bool) {
+        let Some(ns) = si.namespace() else {
+            return;
+        };
+        let lease = si.spec.lease_name.clone().filter(|_| present);
+        self.lease_index
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .set(&ns, &si.name_any(), lease);
+    }
+
+    /// Records a watch event: an error marks the watch broken; the first success after one
+    /// starts a fresh view (every instance gets a full TTL again).
+    pub(super) fn watch_result(&self, broken: &AtomicBool, ok: bool, what: &str) {
+        if !ok {
+            if !broken.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    watch = what,
+                    "watch broken: no instance is judged silent until it recovers"
+                );
+            }
+        } else if broken.swap(false, Ordering::Relaxed) {
+            self.relisted();
+            tracing::info!(
+                watch = what,
+                "watch recovered: every instance gets a full TTL from now"
+            );
+        }
+    }
+
+    pub(super) fn any_watch_broken(&self) -> bool {
+        self.instance_watch_broken.load(Ordering::Relaxed)
+            || self.lease_watch_broken.load(Ordering::Relaxed)
+    }
+
+    /// The instances to reconcile when `lease` changes.
+    pub(super) fn instances_for(&self, lease: &Lease) -> Vec<ObjectRef<ServiceInstance>> {
+        let Some(ns) = lease.namespace() else {
+            return Vec::new();
+        };
+        let index = self
+            .lease_index
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        index
+            .instances(&ns, &lease.name_any())
+            .map(|n| ObjectRef::new(n).within(&ns))
+            .collect()
+    }
+
+    /// Sends the instance's service(s) to the projector if what it projects changed.
+    pub(super) fn project(&self, si: &ServiceInstance, present: bool) {
+        let Some(ns) = si.namespace() else {
+            return;
+        };
+        let member = if present {
+            Backend::from_instance(si)
+        } else {
+            None
+        };
+        for service in
+            self.membership
+                .changed(&ns, &si.name_any(), member.as_ref(), &si.spec.service)
+        {
+            self.projection.project(&ns, &service);
+        }
+    }
+
+    /// Feeds the index, the observations and the projector from the instance watch.
+    pub(super) fn on_instance_event(&self, event: &watcher::Event<ServiceInstance>) {
+        match event {
+            watcher::Event::Init => self.relisted(),
+            watcher::Event::InitApply(si) | watcher::Event::Apply(si) => {
+                self.index(si, true);
+                self.project(si, true);
+                self.prober.watch(si);
+            }
+            watcher::Event::Delete(si) => {
+                self.index(si, false);
+                self.project(si, false);
+                self.prober.forget(si);
+                if let Some(ns) = si.namespace() {
+                    self.observations
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .forget(&ns, &si.name_any());
+                    let changes = self.protection().forget(&(ns, si.name_any()), self.now());
+                    self.announce(changes);
+                }
+                if let Some(uid) = si.uid() {
+                    self.written
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .remove(&uid);
+                }
+            }
+            watcher::Event::InitDone => {}
+        }
+    }
+}
+
+/// Which instances heartbeat through which Lease, both ways, so a change of `spec.leaseName`
+/// or a deletion leaves nothing behind.
+#[derive(Default)]
+pub(super) struct LeaseIndex {
+    pub(super) by_lease: HashMap<(String, String), BTreeSet<String>>,
+    pub(super) by_instance: HashMap<(String, String), String>,
+}
+
+impl LeaseIndex {
+    pub(super) fn set(&mut self, ns: &str, instance: &str, lease: Option<String>) {
+        let key = (ns.to_string(), instance.to_string());
+        if let Some(old) = self.by_instance.remove(&key) {
+            let lease_key = (ns.to_string(), old);
+            if let Some(names) = self.by_lease.get_mut(&lease_key) {
+                names.remove(instance);
+                if names.is_empty() {
+                    self.by_lease.remove(&lease_key);
+                }
+            }
+        }
+        if let Some(lease) = lease {
+            self.by_lease
+                .entry((ns.to_string(), lease.clone()))
+                .or_default()
+                .insert(instance.to_string());
+            self.by_instance.insert(key, lease);
+        }
+    }
+
+    pub(super) fn instances(&self, ns: &str, lease: &str) -> impl Iterator<Item = &String> {
+        self.by_lease
+            .get(&(ns.to_string(), lease.to_string()))
+            .into_iter()
+            .flatten()
+    }
+}
+
+/// A Lease's renewal as an opaque token: any change of it is a heartbeat.
+pub(super) fn renewal(lease: &Lease) -> Option<String> {
+    let spec = lease.spec.as_ref()?;
+    let renewed = spec.renew_time.as_ref().map(|t| t.0.to_string());
+    let acquired = spec.acquire_time.as_ref().map(|t| t.0.to_string());
+    (renewed.is_some() || acquired.is_some()).then(|| {
+        format!(
+            "{}|{}|{}",
+            renewed.unwrap_or_default(),
+            acquired.unwrap_or_default(),
+            spec.holder_identity.as_deref().unwrap_or_default()
+        )
+    })
+}

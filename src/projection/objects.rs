@@ -1,0 +1,165 @@
+//! The Kubernetes objects of a projection, built from its pure parts, and the comparisons that
+//! decide whether a stored object already says what is desired.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::{
+    api::{
+        core::v1::{ObjectReference, Service, ServicePort},
+        discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
+    },
+    apimachinery::pkg::apis::meta::v1::OwnerReference,
+};
+use kube::{Resource, ResourceExt, api::ObjectMeta};
+
+use crate::{
+    api::ServiceInstance,
+    names::{
+        ADOPT_ANNOTATION, MANAGED_BY, MANAGED_BY_LABEL, SERVICE_NAME_LABEL, SLICE_MANAGED_BY_LABEL,
+    },
+    projection::{AddressType, DesiredSlice, ExistingSlice, PortKey, SliceKey},
+};
+
+/// A Service is Roster's when it carries Roster's label or the user opted it in.
+pub fn is_ours(svc: &Service) -> bool {
+    has_labels(svc.labels(), &[(MANAGED_BY_LABEL, MANAGED_BY)])
+        || svc.annotations().get(ADOPT_ANNOTATION).map(String::as_str) == Some("true")
+}
+
+pub fn has_labels(labels: &BTreeMap<String, String>, want: &[(&str, &str)]) -> bool {
+    want.iter()
+        .all(|(k, v)| labels.get(*k).map(String::as_str) == Some(*v))
+}
+
+pub fn same_ports(stored: &[ServicePort], desired: &[ServicePort]) -> bool {
+    let key = |p: &ServicePort| {
+        (
+            p.name.clone(),
+            p.port,
+            p.target_port.clone().map(|t| format!("{t:?}")),
+            p.protocol.clone().unwrap_or_else(|| "TCP".into()),
+            p.app_protocol.clone(),
+        )
+    };
+    let mut a: Vec<_> = stored.iter().map(key).collect();
+    let mut b: Vec<_> = desired.iter().map(key).collect();
+    a.sort();
+    b.sort();
+    a == b
+}
+
+pub fn owner_reference(svc: &Service) -> OwnerReference {
+    OwnerReference {
+        api_version: "v1".into(),
+        kind: "Service".into(),
+        name: svc.name_any(),
+        uid: svc.uid().unwrap_or_default(),
+        controller: Some(true),
+        block_owner_deletion: Some(true),
+    }
+}
+
+/// Reads back what a stored slice holds; `None` for one that is not shaped like Roster's.
+pub fn existing_slice(slice: &EndpointSlice) -> Option<ExistingSlice> {
+    let mut ports: Vec<PortKey> = slice
+        .ports
+        .iter()
+        .flatten()
+        .map(|p| PortKey {
+            name: p.name.clone().unwrap_or_default(),
+            port: p.port.unwrap_or_default(),
+            protocol: p.protocol.clone().unwrap_or_else(|| "TCP".into()),
+            app_protocol: p.app_protocol.clone(),
+        })
+        .collect();
+    ports.sort();
+    Some(ExistingSlice {
+        name: slice.metadata.name.clone()?,
+        key: SliceKey {
+            address_type: AddressType::parse(&slice.address_type)?,
+            ports,
+        },
+        members: slice
+            .endpoints
+            .iter()
+            .filter_map(|e| e.target_ref.as_ref()?.name.clone())
+            .collect(),
+    })
+}
+
+pub fn slice_object(
+    ns: &str,
+    service: &str,
+    slice: &DesiredSlice,
+    owner: &OwnerReference,
+) -> EndpointSlice {
+    EndpointSlice {
+        metadata: ObjectMeta {
+            name: Some(slice.name.clone()),
+            namespace: Some(ns.into()),
+            labels: Some(BTreeMap::from([
+                (SERVICE_NAME_LABEL.into(), service.into()),
+                (SLICE_MANAGED_BY_LABEL.into(), MANAGED_BY.into()),
+                // So `kubectl get svc,endpointslices,cm -l app.kubernetes.io/managed-by=roster.dev`
+                // lists everything Roster writes.
+                (MANAGED_BY_LABEL.into(), MANAGED_BY.into()),
+            ])),
+            owner_references: Some(vec![owner.clone()]),
+            ..ObjectMeta::default()
+        },
+        address_type: slice.key.address_type.as_str().into(),
+        ports: Some(
+            slice
+                .key
+                .ports
+                .iter()
+                .map(|p| EndpointPort {
+                    name: Some(p.name.clone()),
+                    port: Some(p.port),
+                    protocol: Some(p.protocol.clone()),
+                    app_protocol: p.app_protocol.clone(),
+                })
+                .collect(),
+        ),
+        endpoints: slice
+            .members
+            .iter()
+            .map(|m| {
+                let c = m.conditions();
+                Endpoint {
+                    addresses: vec![m.address.clone()],
+                    conditions: Some(EndpointConditions {
+                        ready: Some(c.ready),
+                        serving: Some(c.serving),
+                        terminating: Some(c.terminating),
+                    }),
+                    zone: m.zone.clone(),
+                    target_ref: Some(ObjectReference {
+                        api_version: Some(ServiceInstance::api_version(&()).into()),
+                        kind: Some(ServiceInstance::kind(&()).into()),
+                        name: Some(m.name.clone()),
+                        namespace: Some(ns.into()),
+                        uid: Some(m.uid.clone()),
+                        ..ObjectReference::default()
+                    }),
+                    ..Endpoint::default()
+                }
+            })
+            .collect(),
+    }
+}
+
+/// Whether a stored slice already says what `desired` says (our labels, owner, address type,
+/// ports and endpoints); fields others may add (more labels, annotations) do not count.
+pub fn same_slice(stored: &EndpointSlice, desired: &EndpointSlice) -> bool {
+    let want: Vec<(&str, &str)> = desired
+        .labels()
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    has_labels(stored.labels(), &want)
+        && stored.metadata.owner_references == desired.metadata.owner_references
+        && stored.address_type == desired.address_type
+        && stored.ports == desired.ports
+        && stored.endpoints == desired.endpoints
+}

@@ -1,0 +1,376 @@
+//! The projector: keeps, for every (namespace, service) with instances, a selectorless Service,
+//! its EndpointSlices and a ConfigMap in line with the registry.
+//!
+//! Thin by design: it reads the watch caches, asks [`crate::projection`] what should exist, and
+//! writes only objects whose relevant fields differ. Changes are coalesced: a burst of instance
+//! changes within the window is one projection per service.
+//!
+//! The caches can lag behind the projector's own writes, so it also remembers what it last wrote
+//! (with the resourceVersion the apiserver gave it) and what it deleted; a watch event with any
+//! other resourceVersion means someone else wrote, and the cache is believed again.
+
+mod apply;
+mod report;
+mod watches;
+mod written;
+
+pub use watches::{Synced, watch_children};
+pub use written::Written;
+
+use std::{
+    collections::{BTreeSet, HashMap, HashSet},
+    sync::{Arc, Mutex, PoisonError},
+    time::Duration,
+};
+
+use futures::StreamExt;
+use k8s_openapi::api::{
+    core::v1::{ConfigMap, Service},
+    discovery::v1::EndpointSlice,
+};
+use kube::{
+    Client, ResourceExt,
+    runtime::{
+        events::Recorder,
+        reflector::{self, Store},
+    },
+};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::projection::objects::*;
+use crate::{
+    Result,
+    api::ServiceInstance,
+    metrics::Metrics,
+    names::{ADOPT_ANNOTATION, MANAGED_BY, MANAGED_BY_LABEL, SERVICE_LABEL, SERVICE_NAME_LABEL},
+    projection::{self, Backend, MAX_CONFIG_BYTES},
+};
+
+/// A service: (namespace, name). The empty key means "every service".
+pub type ServiceKey = (String, String);
+
+/// How the projector behaves.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Changes within this window are projected together.
+    pub window: Duration,
+    /// Services projected at the same time. A service is in a batch at most once and batches
+    /// run one after another, so one service's writes never race each other.
+    pub concurrency: usize,
+    /// Headless Services (`clusterIP: None`) instead of ClusterIP; applies to Services it
+    /// creates (a Service's clusterIP cannot change).
+    pub headless: bool,
+}
+
+/// Sends services to project; cheap to clone.
+#[derive(Clone)]
+pub struct Trigger(mpsc::UnboundedSender<ServiceKey>);
+
+impl Trigger {
+    pub fn project(&self, namespace: &str, service: &str) {
+        // The receiver lives as long as the projector; after it stops there is nothing to do.
+        let _ = self.0.send((namespace.to_string(), service.to_string()));
+    }
+
+    /// Every known service: after a relist, when the caches were swapped in whole.
+    pub fn project_all(&self) {
+        let _ = self.0.send(ServiceKey::default());
+    }
+}
+
+/// Creates the trigger channel.
+pub fn trigger() -> (Trigger, mpsc::UnboundedReceiver<ServiceKey>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    (Trigger(tx), rx)
+}
+
+/// The caches the projector reads.
+pub struct Caches {
+    pub instances: Store<ServiceInstance>,
+    pub services: Store<Service>,
+    pub slices: Store<EndpointSlice>,
+    pub config_maps: Store<ConfigMap>,
+}
+
+/// What each instance last looked like to the projection (its service and a fingerprint of
+/// the projected fields), so that only changes that matter trigger a projection: a heartbeat
+/// does not, a phase change does, and a change of `spec.service` re-projects the old service
+/// too.
+#[derive(Default)]
+pub struct Membership(Mutex<HashMap<ServiceKey, (String, u64)>>);
+
+impl Membership {
+    /// Records instance `namespace/name` (`None`: deleted) and returns the services to project.
+    pub fn changed(
+        &self,
+        namespace: &str,
+        name: &str,
+        now: Option<&Backend>,
+        service: &str,
+    ) -> Vec<String> {
+        use std::hash::{Hash, Hasher};
+        let mut map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let key = (namespace.to_string(), name.to_string());
+        let before = match now {
+            Some(member) => {
+                let mut hasher = std::collections::hash_map::DefaultHasher::new();
+                member.hash(&mut hasher);
+                let fingerprint = (service.to_string(), hasher.finish());
+                let before = map.insert(key, fingerprint.clone());
+                if before.as_ref() == Some(&fingerprint) {
+                    return Vec::new();
+                }
+                before
+            }
+            None => map.remove(&key),
+        };
+        let mut services = vec![service.to_string()];
+        if let Some((old, _)) = before
+            && old != service
+        {
+            services.push(old);
+        }
+        services
+    }
+}
+
+/// Why an instance, or its whole service, is not projected as asked.
+pub(super) type Problem = (&'static str, String);
+
+/// The projector's state.
+pub struct Projector {
+    pub client: Client,
+    pub caches: Caches,
+    pub metrics: Arc<Metrics>,
+    pub recorder: Recorder,
+    pub options: Options,
+    pub synced: Arc<Synced>,
+    written: Arc<Written>,
+    /// uids of Services the projector deleted: the cache may still show them.
+    deleted_services: Mutex<HashSet<String>>,
+    /// Services whose ConfigMap would exceed the object size limit.
+    too_large: Mutex<BTreeSet<ServiceKey>>,
+    /// Consecutive failures per service, for the retry backoff.
+    failures: Mutex<HashMap<ServiceKey, u32>>,
+}
+
+impl Projector {
+    pub fn new(
+        client: Client,
+        caches: Caches,
+        metrics: Arc<Metrics>,
+        recorder: Recorder,
+        options: Options,
+        synced: Arc<Synced>,
+        written: Arc<Written>,
+    ) -> Self {
+        Projector {
+            client,
+            caches,
+            metrics,
+            recorder,
+            options,
+            synced,
+            written,
+            deleted_services: Mutex::default(),
+            too_large: Mutex::default(),
+            failures: Mutex::default(),
+        }
+    }
+
+    /// Projects services as they are triggered, coalescing bursts, until `shutdown`.
+    pub async fn run(
+        self: Arc<Self>,
+        mut keys: mpsc::UnboundedReceiver<ServiceKey>,
+        trigger: Trigger,
+        shutdown: CancellationToken,
+    ) {
+        tokio::select! {
+            () = self.synced.wait() => {}
+            () = shutdown.cancelled() => return,
+        }
+        // Everything that exists now, including orphans of services without instances.
+        trigger.project_all();
+        loop {
+            let first = tokio::select! {
+                key = keys.recv() => match key { Some(k) => k, None => return },
+                () = shutdown.cancelled() => return,
+            };
+            let mut batch = BTreeSet::from([first]);
+            let window = tokio::time::sleep(self.options.window);
+            tokio::pin!(window);
+            loop {
+                tokio::select! {
+                    key = keys.recv() => match key { Some(k) => { batch.insert(k); } None => break },
+                    () = &mut window => break,
+                }
+            }
+            if batch.remove(&ServiceKey::default()) {
+                batch.extend(self.known_keys());
+            }
+            // A burst touches many services; one at a time, the batch's length is the sum of
+            // their round trips (the benchmark saw 10 000 instances over 500 services fall
+            // behind that way).
+            let mut results = futures::stream::iter(batch)
+                .map(|key| async {
+                    let result = self.project(&key).await;
+                    (key, result)
+                })
+                .buffer_unordered(self.options.concurrency.max(1));
+            loop {
+                let (key, result) = tokio::select! {
+                    next = results.next() => match next { Some(r) => r, None => break },
+                    () = shutdown.cancelled() => return,
+                };
+                let mut failures = self.failures.lock().unwrap_or_else(PoisonError::into_inner);
+                match result {
+                    Ok(()) => {
+                        failures.remove(&key);
+                    }
+                    Err(e) => {
+                        self.metrics.reconcile_failed(&e);
+                        let n = failures.entry(key.clone()).or_default();
+                        *n = n.saturating_add(1);
+                        // 1 s, 2 s, 4 s … at most a minute.
+                        let delay =
+                            Duration::from_secs(1 << (*n - 1).min(6)).min(Duration::from_secs(60));
+                        tracing::warn!(namespace = %key.0, service = %key.1, ?delay, error = %crate::error::report(&e), "projection failed; retrying");
+                        let retry = trigger.clone();
+                        tokio::spawn(async move {
+                            tokio::time::sleep(delay).await;
+                            retry.project(&key.0, &key.1);
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    pub(super) fn known_keys(&self) -> BTreeSet<ServiceKey> {
+        let mut keys = BTreeSet::new();
+        let mut add = |ns: Option<String>, svc: Option<&String>| {
+            if let (Some(ns), Some(svc)) = (ns, svc) {
+                keys.insert((ns, svc.clone()));
+            }
+        };
+        for si in self.caches.instances.state() {
+            add(si.namespace(), Some(&si.spec.service));
+        }
+        for slice in self.caches.slices.state() {
+            add(slice.namespace(), slice.labels().get(SERVICE_NAME_LABEL));
+        }
+        for cm in self.caches.config_maps.state() {
+            add(cm.namespace(), cm.labels().get(SERVICE_LABEL));
+        }
+        for svc in self.caches.services.state() {
+            if has_labels(svc.labels(), &[(MANAGED_BY_LABEL, MANAGED_BY)]) {
+                add(svc.namespace(), svc.metadata.name.as_ref());
+            }
+        }
+        keys
+    }
+
+    /// Brings one service's projection in line with its instances.
+    pub async fn project(&self, key: &ServiceKey) -> Result<()> {
+        let (ns, service) = key;
+        let mut instances: Vec<Arc<ServiceInstance>> = self
+            .caches
+            .instances
+            .state()
+            .into_iter()
+            .filter(|si| si.namespace().as_deref() == Some(ns) && si.spec.service == *service)
+            .collect();
+        instances.sort_by_key(|si| si.name_any());
+        let members: Vec<Backend> = instances
+            .iter()
+            .filter_map(|si| Backend::from_instance(si))
+            .collect();
+
+        let stored_service = self
+            .caches
+            .services
+            .get(&reflector::ObjectRef::new(service).within(ns))
+            .filter(|s| !self.was_deleted(s));
+        if members.is_empty() {
+            let ours = stored_service.as_deref().filter(|s| is_ours(s));
+            return self.clean_up(ns, service, ours).await;
+        }
+
+        // Instances whose address no EndpointSlice can hold are left out of the slices.
+        let mut per_instance: HashMap<String, Problem> = HashMap::new();
+        let endpoints: Vec<Backend> = members
+            .iter()
+            .filter(|m| match m.endpoint_problem() {
+                Some(problem) => {
+                    per_instance.insert(m.name.clone(), ("InvalidEndpointAddress", problem));
+                    false
+                }
+                None => true,
+            })
+            .cloned()
+            .collect();
+
+        let mut problems: Vec<Problem> = Vec::new();
+        let owner = match stored_service.as_deref() {
+            Some(svc) if !is_ours(svc) => {
+                problems.push((
+                    "ServiceConflict",
+                    format!(
+                        "Service {service:?} exists and is not managed by Roster; it is left untouched and no \
+                         EndpointSlices are written. Delete it, or annotate it {ADOPT_ANNOTATION}=true to let \
+                         Roster manage it"
+                    ),
+                ));
+                None
+            }
+            stored => Some(owner_reference(
+                &self.apply_service(ns, service, &members, stored).await?,
+            )),
+        };
+        if let Some(owner) = &owner {
+            self.apply_slices(ns, service, &endpoints, owner).await?;
+        }
+        let json = projection::config_json(service, &members);
+        let too_large = json.len() > MAX_CONFIG_BYTES;
+        self.track_too_large(key, too_large);
+        if too_large {
+            problems.push((
+                "ConfigMapTooLarge",
+                format!(
+                    "The JSON view of service {service:?} is over the {MAX_CONFIG_BYTES}-byte limit of a \
+                     ConfigMap; the ConfigMap is not updated (the EndpointSlices are)"
+                ),
+            ));
+        } else if let Some(problem) = self.apply_config_map(ns, service, json, owner).await? {
+            problems.push(problem);
+        }
+
+        let service_problem = (!problems.is_empty()).then(|| {
+            let reason = problems[0].0;
+            let message = problems
+                .iter()
+                .map(|(_, m)| m.as_str())
+                .collect::<Vec<_>>()
+                .join("; ");
+            (reason, message)
+        });
+        for (i, si) in instances.iter().enumerate() {
+            let own = per_instance.remove(&si.name_any());
+            // A service-wide problem is announced once per service (on its first instance),
+            // an instance's own problem on that instance.
+            let announce = own.is_some() || i == 0;
+            self.report(si, own.as_ref().or(service_problem.as_ref()), announce)
+                .await?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn was_deleted(&self, svc: &Service) -> bool {
+        let deleted = self
+            .deleted_services
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        svc.uid().is_some_and(|uid| deleted.contains(&uid))
+    }
+}

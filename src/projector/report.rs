@@ -1,0 +1,88 @@
+//! The `Projected` condition: why an instance, or its service, is not projected as asked.
+
+use std::sync::PoisonError;
+
+use kube::{
+    Api, Resource, ResourceExt,
+    api::Patch,
+    runtime::events::{Event, EventType},
+};
+use serde_json::json;
+
+use super::{Problem, Projector, ServiceKey, apply::apply_params};
+use crate::{Error, Result, api::ServiceInstance, status::conditions::PROJECTED};
+
+impl Projector {
+    /// Sets (or clears) the `Projected` condition of an instance: written only when it
+    /// changes, with an Event (if `announce`) when a problem appears.
+    pub(super) async fn report(
+        &self,
+        si: &ServiceInstance,
+        problem: Option<&Problem>,
+        announce: bool,
+    ) -> Result<()> {
+        let current = si
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.iter().find(|c| c.type_ == PROJECTED));
+        let conditions = match (problem, current) {
+            (None, None) => return Ok(()),
+            (Some((reason, message)), Some(c)) if c.reason == *reason && c.message == *message => {
+                return Ok(());
+            }
+            (None, Some(_)) => json!([]),
+            (Some((reason, message)), _) => json!([{
+                "type": PROJECTED,
+                "status": "False",
+                "reason": reason,
+                "message": message,
+                "observedGeneration": si.metadata.generation,
+                "lastTransitionTime": jiff::Timestamp::now().to_string(),
+            }]),
+        };
+        let (Some(ns), name) = (si.namespace(), si.name_any()) else {
+            return Ok(());
+        };
+        let patch = json!({
+            "apiVersion": ServiceInstance::api_version(&()),
+            "kind": ServiceInstance::kind(&()),
+            "status": {"conditions": conditions},
+        });
+        Api::<ServiceInstance>::namespaced(self.client.clone(), &ns)
+            .patch_status(&name, &apply_params(), &Patch::Apply(&patch))
+            .await
+            .map_err(Error::kube(format!(
+                "set the Projected condition of {ns}/{name}"
+            )))?;
+        if let Some((reason, message)) = problem
+            && announce
+        {
+            let event = Event {
+                type_: EventType::Warning,
+                reason: (*reason).into(),
+                note: Some(message.clone()),
+                action: "Project".into(),
+                secondary: None,
+            };
+            if let Err(e) = self.recorder.publish(&event, &si.object_ref(&())).await {
+                tracing::warn!(%name, error = %e, "cannot publish Event");
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn track_too_large(&self, key: &ServiceKey, too_large: bool) {
+        let mut set = self
+            .too_large
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let changed = if too_large {
+            set.insert(key.clone())
+        } else {
+            set.remove(key)
+        };
+        if changed {
+            self.metrics.set_config_maps_too_large(set.len());
+        }
+    }
+}

@@ -1,0 +1,171 @@
+//! The watches of what the projector writes: Services, EndpointSlices and ConfigMaps.
+
+use std::sync::{
+    Arc,
+    atomic::{AtomicBool, AtomicUsize, Ordering},
+};
+
+use futures::StreamExt;
+use k8s_openapi::api::{
+    core::v1::{ConfigMap, Service},
+    discovery::v1::EndpointSlice,
+};
+use kube::{
+    Api, Client, Resource, ResourceExt,
+    runtime::{
+        WatchStreamExt,
+        reflector::{self, Store},
+        watcher::{self, watcher},
+    },
+};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use super::{Trigger, Written};
+use crate::names::{
+    MANAGED_BY, MANAGED_BY_LABEL, SERVICE_LABEL, SERVICE_NAME_LABEL, SLICE_MANAGED_BY_LABEL,
+};
+
+/// Starts the watches of Services, EndpointSlices and ConfigMaps (the instance watch belongs to
+/// the controller) and returns their caches and a flag that is set once all three are synced.
+pub fn watch_children(
+    client: &Client,
+    namespace: Option<&str>,
+    trigger: &Trigger,
+    written: &Arc<Written>,
+    shutdown: &CancellationToken,
+) -> (
+    Store<Service>,
+    Store<EndpointSlice>,
+    Store<ConfigMap>,
+    Arc<Synced>,
+) {
+    let synced = Arc::new(Synced::default());
+    let watch = |config| WatchContext {
+        config,
+        trigger: trigger.clone(),
+        written: written.clone(),
+        synced: synced.clone(),
+        shutdown: shutdown.clone(),
+    };
+    let services = spawn_watch::<Service>(
+        api(client, namespace),
+        watch(watcher::Config::default()),
+        |svc| Some(svc.name_any()),
+    );
+    let slices = spawn_watch::<EndpointSlice>(
+        api(client, namespace),
+        watch(watcher::Config::default().labels(&format!("{SLICE_MANAGED_BY_LABEL}={MANAGED_BY}"))),
+        |slice| slice.labels().get(SERVICE_NAME_LABEL).cloned(),
+    );
+    let config_maps = spawn_watch::<ConfigMap>(
+        api(client, namespace),
+        watch(watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}"))),
+        |cm| cm.labels().get(SERVICE_LABEL).cloned(),
+    );
+    (services, slices, config_maps, synced)
+}
+
+/// Counts synced watches; the projector starts once all of them are.
+#[derive(Default)]
+pub struct Synced {
+    count: AtomicUsize,
+    instances: AtomicBool,
+    notify: Notify,
+}
+
+impl Synced {
+    const CHILD_WATCHES: usize = 3;
+
+    pub(super) fn child_synced(&self) {
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.notify.notify_waiters();
+    }
+
+    /// The instance watch (driven by the controller) has synced.
+    pub fn instances_synced(&self) {
+        self.instances.store(true, Ordering::Relaxed);
+        self.notify.notify_waiters();
+    }
+
+    pub(super) fn all(&self) -> bool {
+        self.instances.load(Ordering::Relaxed)
+            && self.count.load(Ordering::Relaxed) >= Self::CHILD_WATCHES
+    }
+
+    pub(super) async fn wait(&self) {
+        loop {
+            let notified = self.notify.notified();
+            if self.all() {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+pub(super) fn api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+pub(super) struct WatchContext {
+    config: watcher::Config,
+    trigger: Trigger,
+    written: Arc<Written>,
+    synced: Arc<Synced>,
+    shutdown: CancellationToken,
+}
+
+pub(super) fn spawn_watch<K>(
+    api: Api<K>,
+    cx: WatchContext,
+    service_of: fn(&K) -> Option<String>,
+) -> Store<K>
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    let (reader, writer) = reflector::store();
+    let kind: &'static str = match K::kind(&()).as_ref() {
+        "Service" => "Service",
+        "EndpointSlice" => "EndpointSlice",
+        _ => "ConfigMap",
+    };
+    let stream = watcher(api, cx.config).default_backoff().reflect(writer);
+    tokio::spawn(async move {
+        let mut first_sync = true;
+        let mut stream = std::pin::pin!(stream.take_until(cx.shutdown.cancelled_owned()));
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(watcher::Event::Apply(obj) | watcher::Event::Delete(obj)) => {
+                    let (ns, name) = (obj.namespace().unwrap_or_default(), obj.name_any());
+                    cx.written
+                        .observed(kind, &ns, &name, obj.resource_version().as_deref());
+                    if let Some(svc) = service_of(&obj) {
+                        cx.trigger.project(&ns, &svc);
+                    }
+                }
+                Ok(watcher::Event::InitDone) if first_sync => {
+                    first_sync = false;
+                    cx.synced.child_synced();
+                }
+                // A relist: the cache was swapped in whole and events may have been missed.
+                Ok(watcher::Event::InitDone) => cx.trigger.project_all(),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(%kind, error = %e, "watch"),
+            }
+        }
+    });
+    reader
+}
