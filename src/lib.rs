@@ -6,6 +6,7 @@
 
 pub mod agent;
 pub mod api;
+pub mod cache;
 pub mod cli;
 pub mod client;
 pub mod control_plane;
@@ -21,6 +22,7 @@ pub mod prober;
 pub mod projection;
 pub mod projector;
 pub mod protection;
+pub mod registry;
 pub mod server;
 pub mod status;
 pub mod telemetry;

@@ -81,10 +81,10 @@ impl Prober {
         let _ = self.commands.send(command);
     }
 
-    pub fn forget(&self, si: &ServiceInstance) {
-        if let Some(uid) = si.uid() {
-            let _ = self.commands.send(Command::Remove { uid });
-        }
+    pub fn forget(&self, uid: &str) {
+        let _ = self.commands.send(Command::Remove {
+            uid: uid.to_string(),
+        });
     }
 }
 

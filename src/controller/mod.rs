@@ -6,6 +6,7 @@ mod events;
 mod expire;
 mod reconcile;
 mod settings;
+mod status_writer;
 mod views;
 
 pub use settings::Settings;
@@ -39,14 +40,16 @@ use crate::{
     api::ServiceInstance,
     leader::{self, TermEnd},
     metrics::Metrics,
-    names::REPORTER,
+    names::{HEARTBEAT_ANNOTATION, REPORTER},
     prober, projector,
     protection::{self},
+    registry::Registry,
     server::{self, Health},
 };
 use decode::{Decoder, report_undecodable};
 use events::announce;
 use reconcile::{Context, error_policy, reconcile};
+use status_writer::StatusWriter;
 use views::Views;
 
 /// The longest a graceful shutdown waits for in-flight work.
@@ -181,6 +184,8 @@ pub(super) async fn lead(
     } = process;
     let client = client.clone();
     let (projection, projection_keys) = projector::trigger();
+    let registry = Arc::new(Registry::new(projection.clone()));
+    let status_writer = Arc::new(StatusWriter::default());
     // Verdict changes of health checks, and changes of protection, reconcile their instances.
     let (requeue_tx, requeue_rx) = futures::channel::mpsc::unbounded();
     let (announce_tx, announce_rx) = futures::channel::mpsc::unbounded();
@@ -193,8 +198,8 @@ pub(super) async fn lead(
         lease_index: Mutex::default(),
         observations: Mutex::default(),
         written: Mutex::default(),
-        projection: projection.clone(),
-        membership: projector::Membership::default(),
+        registry: registry.clone(),
+        status_writer: status_writer.clone(),
         prober: prober::spawn(
             settings.probe_concurrency,
             requeue_tx.clone(),
@@ -221,8 +226,12 @@ pub(super) async fn lead(
     };
     let (lease_reader, lease_writer) = reflector::store();
     let lease_views = views.clone();
-    let lease_events = watcher(lease_api, watcher::Config::default())
+    // Node heartbeats (every node's Lease in kube-node-lease) are never instance heartbeats:
+    // the apiserver filters them out, so they neither enter the cache nor wake anything.
+    let lease_config = watcher::Config::default().fields("metadata.namespace!=kube-node-lease");
+    let lease_events = watcher(lease_api, lease_config)
         .default_backoff()
+        .modify(|lease| crate::cache::prune(&mut lease.metadata, &[]))
         .reflect(lease_writer)
         .inspect(move |event| {
             let views = &lease_views;
@@ -243,7 +252,6 @@ pub(super) async fn lead(
     let first_sync = Arc::new(AtomicBool::new(false));
     let instance_views = views.clone();
     let instances_synced = synced.clone();
-    let instance_reader = reader.clone();
     let (relist_tx, relist_rx) = futures::channel::mpsc::unbounded::<()>();
     // No generation predicate: annotation heartbeats do not bump the generation. Objects are
     // watched raw and decoded one by one, so one that cannot be decoded is skipped instead of
@@ -261,6 +269,7 @@ pub(super) async fn lead(
     };
     let events = watcher(raw, watcher::Config::default())
         .default_backoff()
+        .modify(|obj| crate::cache::prune(&mut obj.metadata, &[HEARTBEAT_ANNOTATION]))
         .filter_map(move |event| futures::future::ready(decoder.decode(event)))
         .reflect(writer)
         .inspect(move |event| {
@@ -281,8 +290,8 @@ pub(super) async fn lead(
                         } else {
                             // After a relist the cache was swapped in whole: reconcile everything,
                             // so instances that appeared during the relist are judged too.
+                            // (The registry index has already projected what the relist changed.)
                             let _ = relist_tx.unbounded_send(());
-                            views.projection.project_all();
                         }
                     }
                 }
@@ -308,23 +317,29 @@ pub(super) async fn lead(
             .or_else(|| std::env::var("HOSTNAME").ok()),
     };
     let recorder = Recorder::new(client.clone(), reporter);
-    let projector = Arc::new(projector::Projector::new(
-        client.clone(),
-        projector::Caches {
-            instances: instance_reader,
+    let projector = Arc::new(projector::Projector::new(projector::Parts {
+        client: client.clone(),
+        caches: projector::Caches {
             services,
             slices,
             config_maps,
         },
-        metrics.clone(),
-        recorder.clone(),
-        projector::Options {
+        registry,
+        metrics: metrics.clone(),
+        recorder: recorder.clone(),
+        options: projector::Options {
             window: Duration::from_millis(settings.projection_window_ms),
             concurrency: usize::from(settings.projection_concurrency),
             headless: settings.headless_services,
         },
         synced,
         written,
+    }));
+    tokio::spawn(status_writer.run(
+        client.clone(),
+        metrics.clone(),
+        projector.busy(),
+        term.clone(),
     ));
     tokio::spawn(projector.run(projection_keys, projection, term.clone()));
     tokio::spawn(report_undecodable(

@@ -8,15 +8,13 @@ use std::{
 
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::{
-    Api, Client, Resource, ResourceExt,
-    api::{Patch, PatchParams},
+    Client, ResourceExt,
     runtime::{
         controller::Action,
         events::{Event, EventType, Recorder},
         reflector::{ObjectRef, Store},
     },
 };
-use serde_json::json;
 
 use super::{
     events::{publish, transition_event},
@@ -28,7 +26,7 @@ use crate::{
     api::ServiceInstance,
     liveness::{self, Liveness, Sight, Signals, Timing},
     metrics::Metrics,
-    names::{FIELD_MANAGER, HEARTBEAT_ANNOTATION},
+    names::HEARTBEAT_ANNOTATION,
     probe,
     protection::{Protection, Scope, Silence},
     status::{self, SignalProblems},
@@ -185,23 +183,15 @@ pub(super) async fn reconcile(si: Arc<ServiceInstance>, ctx: Arc<Context>) -> Re
         &problems,
         jiff::Timestamp::now(),
     );
+    // The verdict goes into the registry index first: the projector reads it from there, so
+    // the instance is routed (or not) without waiting for the status write below.
+    if let Some(phase) = desired.phase {
+        views.registry.judged(&namespace, &name, &uid, phase);
+    }
     if baseline != desired {
-        let api: Api<ServiceInstance> = Api::namespaced(ctx.client.clone(), &namespace);
-        let patch = json!({
-            "apiVersion": ServiceInstance::api_version(&()),
-            "kind": ServiceInstance::kind(&()),
-            "status": desired,
-        });
-        api.patch_status(
-            &name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
-        .await
-        .map_err(Error::kube(format!(
-            "apply the status of ServiceInstance {namespace}/{name}"
-        )))?;
-        ctx.metrics.status_written();
+        views
+            .status_writer
+            .submit(&namespace, &name, &uid, desired.clone());
         views
             .written
             .lock()

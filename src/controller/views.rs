@@ -18,14 +18,14 @@ use kube::{
     },
 };
 
+use super::status_writer::StatusWriter;
 use crate::{
     api::{ServiceInstance, ServiceInstanceStatus},
     leader::{self},
     liveness::{Observations, Tick},
     prober,
-    projection::Backend,
-    projector,
     protection::{self, ChangeKind},
+    registry::Registry,
 };
 
 /// What the watch streams tell the reconciler: when they last (re)started, whether the Lease
@@ -46,10 +46,11 @@ pub(super) struct Views {
     /// The last status this controller wrote, by uid: the cache can lag behind our own writes,
     /// and comparing with a stale copy would write (and announce) a transition twice.
     pub(super) written: Mutex<HashMap<String, ServiceInstanceStatus>>,
-    /// Where instance changes that matter to the projection are sent.
-    pub(super) projection: projector::Trigger,
+    /// Who is a member of which service, with this term's verdicts; the projector reads it.
+    pub(super) registry: Arc<Registry>,
+    /// Writes the status the judge decided, off the reconcile's path.
+    pub(super) status_writer: Arc<StatusWriter>,
     pub(super) prober: prober::Prober,
-    pub(super) membership: projector::Membership,
     /// The election, and with it [`leader::Contact`]: whether the apiserver answers.
     pub(super) elector: Arc<leader::Elector>,
     pub(super) guard: Mutex<protection::Guard>,
@@ -163,54 +164,55 @@ impl Views {
             .collect()
     }
 
-    /// Sends the instance's service(s) to the projector if what it projects changed.
-    pub(super) fn project(&self, si: &ServiceInstance, present: bool) {
-        let Some(ns) = si.namespace() else {
-            return;
-        };
-        let member = if present {
-            Backend::from_instance(si)
-        } else {
-            None
-        };
-        for service in
-            self.membership
-                .changed(&ns, &si.name_any(), member.as_ref(), &si.spec.service)
-        {
-            self.projection.project(&ns, &service);
-        }
-    }
-
-    /// Feeds the index, the observations and the projector from the instance watch.
+    /// Feeds the Lease index, the registry, the prober and the observations from the
+    /// instance watch.
     pub(super) fn on_instance_event(&self, event: &watcher::Event<ServiceInstance>) {
         match event {
-            watcher::Event::Init => self.relisted(),
+            watcher::Event::Init => {
+                self.relisted();
+                self.registry.resync_started();
+            }
             watcher::Event::InitApply(si) | watcher::Event::Apply(si) => {
                 self.index(si, true);
-                self.project(si, true);
+                self.registry.apply(si);
                 self.prober.watch(si);
             }
             watcher::Event::Delete(si) => {
                 self.index(si, false);
-                self.project(si, false);
-                self.prober.forget(si);
                 if let Some(ns) = si.namespace() {
-                    self.observations
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .forget(&ns, &si.name_any());
-                    let changes = self.protection().forget(&(ns, si.name_any()), self.now());
-                    self.announce(changes);
-                }
-                if let Some(uid) = si.uid() {
-                    self.written
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .remove(&uid);
+                    self.registry.delete(&ns, &si.name_any());
+                    self.forget(&ns, &si.name_any(), si.uid().as_deref().unwrap_or_default());
                 }
             }
-            watcher::Event::InitDone => {}
+            watcher::Event::InitDone => {
+                // Deleted while the watch was down: no Delete event ever comes for them.
+                for gone in self.registry.resync_done() {
+                    self.lease_index
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .set(&gone.namespace, &gone.name, None);
+                    self.forget(&gone.namespace, &gone.name, &gone.uid);
+                }
+            }
         }
+    }
+
+    /// Forgets everything this term remembers of a deleted instance.
+    fn forget(&self, ns: &str, name: &str, uid: &str) {
+        self.prober.forget(uid);
+        self.observations
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .forget(ns, name);
+        let changes = self
+            .protection()
+            .forget(&(ns.to_string(), name.to_string()), self.now());
+        self.announce(changes);
+        self.written
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(uid);
+        self.status_writer.forget(uid);
     }
 }
 

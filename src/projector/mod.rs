@@ -1,9 +1,11 @@
 //! The projector: keeps, for every (namespace, service) with instances, a selectorless Service,
 //! its EndpointSlices and a ConfigMap in line with the registry.
 //!
-//! Thin by design: it reads the watch caches, asks [`crate::projection`] what should exist, and
-//! writes only objects whose relevant fields differ. Changes are coalesced: a burst of instance
-//! changes within the window is one projection per service.
+//! Thin by design: it reads a service's members from the [registry index](crate::registry),
+//! which wakes it per service the moment a member or its verdict changes, asks
+//! [`crate::projection`] what should exist, and writes only objects whose relevant fields differ.
+//! Changes are coalesced: a burst of instance changes within the window is one projection per
+//! service.
 //!
 //! The caches can lag behind the projector's own writes, so it also remembers what it last wrote
 //! (with the resourceVersion the apiserver gave it) and what it deleted; a watch event with any
@@ -35,20 +37,20 @@ use kube::{
         reflector::{self, Store},
     },
 };
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::projection::objects::*;
 use crate::{
     Result,
-    api::ServiceInstance,
     metrics::Metrics,
     names::{ADOPT_ANNOTATION, MANAGED_BY, MANAGED_BY_LABEL, SERVICE_LABEL, SERVICE_NAME_LABEL},
     projection::{self, Backend, MAX_CONFIG_BYTES},
+    registry::Registry,
 };
 
 /// A service: (namespace, name). The empty key means "every service".
-pub type ServiceKey = (String, String);
+pub use crate::registry::ServiceKey;
 
 /// How the projector behaves.
 #[derive(Clone, Debug)]
@@ -85,53 +87,23 @@ pub fn trigger() -> (Trigger, mpsc::UnboundedReceiver<ServiceKey>) {
     (Trigger(tx), rx)
 }
 
-/// The caches the projector reads.
+/// The caches of what the projector writes.
 pub struct Caches {
-    pub instances: Store<ServiceInstance>,
     pub services: Store<Service>,
     pub slices: Store<EndpointSlice>,
     pub config_maps: Store<ConfigMap>,
 }
 
-/// What each instance last looked like to the projection (its service and a fingerprint of
-/// the projected fields), so that only changes that matter trigger a projection: a heartbeat
-/// does not, a phase change does, and a change of `spec.service` re-projects the old service
-/// too.
-#[derive(Default)]
-pub struct Membership(Mutex<HashMap<ServiceKey, (String, u64)>>);
+/// Whether the projector has work in hand, for writers that yield to it (status writes wait
+/// for projection writes).
+#[derive(Clone)]
+pub struct Busy(watch::Receiver<bool>);
 
-impl Membership {
-    /// Records instance `namespace/name` (`None`: deleted) and returns the services to project.
-    pub fn changed(
-        &self,
-        namespace: &str,
-        name: &str,
-        now: Option<&Backend>,
-        service: &str,
-    ) -> Vec<String> {
-        use std::hash::{Hash, Hasher};
-        let mut map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        let key = (namespace.to_string(), name.to_string());
-        let before = match now {
-            Some(member) => {
-                let mut hasher = std::collections::hash_map::DefaultHasher::new();
-                member.hash(&mut hasher);
-                let fingerprint = (service.to_string(), hasher.finish());
-                let before = map.insert(key, fingerprint.clone());
-                if before.as_ref() == Some(&fingerprint) {
-                    return Vec::new();
-                }
-                before
-            }
-            None => map.remove(&key),
-        };
-        let mut services = vec![service.to_string()];
-        if let Some((old, _)) = before
-            && old != service
-        {
-            services.push(old);
-        }
-        services
+impl Busy {
+    /// Returns once the projector has nothing in hand, or after `limit`.
+    pub async fn idle_within(&self, limit: Duration) {
+        let mut busy = self.0.clone();
+        let _ = tokio::time::timeout(limit, busy.wait_for(|busy| !busy)).await;
     }
 }
 
@@ -142,11 +114,13 @@ pub(super) type Problem = (&'static str, String);
 pub struct Projector {
     pub client: Client,
     pub caches: Caches,
+    pub registry: Arc<Registry>,
     pub metrics: Arc<Metrics>,
     pub recorder: Recorder,
     pub options: Options,
     pub synced: Arc<Synced>,
     written: Arc<Written>,
+    busy: watch::Sender<bool>,
     /// uids of Services the projector deleted: the cache may still show them.
     deleted_services: Mutex<HashSet<String>>,
     /// Services whose ConfigMap would exceed the object size limit.
@@ -155,28 +129,49 @@ pub struct Projector {
     failures: Mutex<HashMap<ServiceKey, u32>>,
 }
 
+/// What a projector is made of.
+pub struct Parts {
+    pub client: Client,
+    pub caches: Caches,
+    pub registry: Arc<Registry>,
+    pub metrics: Arc<Metrics>,
+    pub recorder: Recorder,
+    pub options: Options,
+    pub synced: Arc<Synced>,
+    pub written: Arc<Written>,
+}
+
 impl Projector {
-    pub fn new(
-        client: Client,
-        caches: Caches,
-        metrics: Arc<Metrics>,
-        recorder: Recorder,
-        options: Options,
-        synced: Arc<Synced>,
-        written: Arc<Written>,
-    ) -> Self {
-        Projector {
+    pub fn new(parts: Parts) -> Self {
+        let Parts {
             client,
             caches,
+            registry,
             metrics,
             recorder,
             options,
             synced,
             written,
+        } = parts;
+        Projector {
+            client,
+            caches,
+            registry,
+            metrics,
+            recorder,
+            options,
+            synced,
+            written,
+            busy: watch::Sender::new(false),
             deleted_services: Mutex::default(),
             too_large: Mutex::default(),
             failures: Mutex::default(),
         }
+    }
+
+    /// Whether this projector has work in hand.
+    pub fn busy(&self) -> Busy {
+        Busy(self.busy.subscribe())
     }
 
     /// Projects services as they are triggered, coalescing bursts, until `shutdown`.
@@ -193,10 +188,14 @@ impl Projector {
         // Everything that exists now, including orphans of services without instances.
         trigger.project_all();
         loop {
+            if keys.is_empty() {
+                self.busy.send_replace(false);
+            }
             let first = tokio::select! {
                 key = keys.recv() => match key { Some(k) => k, None => return },
                 () = shutdown.cancelled() => return,
             };
+            self.busy.send_replace(true);
             let mut batch = BTreeSet::from([first]);
             let window = tokio::time::sleep(self.options.window);
             tokio::pin!(window);
@@ -248,15 +247,12 @@ impl Projector {
     }
 
     pub(super) fn known_keys(&self) -> BTreeSet<ServiceKey> {
-        let mut keys = BTreeSet::new();
+        let mut keys: BTreeSet<ServiceKey> = self.registry.services().into_iter().collect();
         let mut add = |ns: Option<String>, svc: Option<&String>| {
             if let (Some(ns), Some(svc)) = (ns, svc) {
                 keys.insert((ns, svc.clone()));
             }
         };
-        for si in self.caches.instances.state() {
-            add(si.namespace(), Some(&si.spec.service));
-        }
         for slice in self.caches.slices.state() {
             add(slice.namespace(), slice.labels().get(SERVICE_NAME_LABEL));
         }
@@ -274,18 +270,8 @@ impl Projector {
     /// Brings one service's projection in line with its instances.
     pub async fn project(&self, key: &ServiceKey) -> Result<()> {
         let (ns, service) = key;
-        let mut instances: Vec<Arc<ServiceInstance>> = self
-            .caches
-            .instances
-            .state()
-            .into_iter()
-            .filter(|si| si.namespace().as_deref() == Some(ns) && si.spec.service == *service)
-            .collect();
-        instances.sort_by_key(|si| si.name_any());
-        let members: Vec<Backend> = instances
-            .iter()
-            .filter_map(|si| Backend::from_instance(si))
-            .collect();
+        let instances = self.registry.members(key);
+        let members: Vec<Backend> = instances.iter().map(|e| e.backend()).collect();
 
         let stored_service = self
             .caches
@@ -355,13 +341,18 @@ impl Projector {
                 .join("; ");
             (reason, message)
         });
-        for (i, si) in instances.iter().enumerate() {
-            let own = per_instance.remove(&si.name_any());
+        for (i, entry) in instances.iter().enumerate() {
+            let own = per_instance.remove(entry.name());
             // A service-wide problem is announced once per service (on its first instance),
             // an instance's own problem on that instance.
             let announce = own.is_some() || i == 0;
-            self.report(si, own.as_ref().or(service_problem.as_ref()), announce)
-                .await?;
+            self.report(
+                ns,
+                entry,
+                own.as_ref().or(service_problem.as_ref()),
+                announce,
+            )
+            .await?;
         }
         Ok(())
     }

@@ -3,31 +3,29 @@
 use std::sync::PoisonError;
 
 use kube::{
-    Api, Resource, ResourceExt,
+    Api, Resource,
     api::Patch,
     runtime::events::{Event, EventType},
 };
 use serde_json::json;
 
 use super::{Problem, Projector, ServiceKey, apply::apply_params};
-use crate::{Error, Result, api::ServiceInstance, status::conditions::PROJECTED};
+use crate::{Error, Result, api::ServiceInstance, registry::Entry, status::conditions::PROJECTED};
+use k8s_openapi::api::core::v1::ObjectReference;
 
 impl Projector {
     /// Sets (or clears) the `Projected` condition of an instance: written only when it
     /// changes, with an Event (if `announce`) when a problem appears.
     pub(super) async fn report(
         &self,
-        si: &ServiceInstance,
+        ns: &str,
+        entry: &Entry,
         problem: Option<&Problem>,
         announce: bool,
     ) -> Result<()> {
-        let current = si
-            .status
-            .as_ref()
-            .and_then(|s| s.conditions.iter().find(|c| c.type_ == PROJECTED));
-        let conditions = match (problem, current) {
+        let conditions = match (problem, &entry.projected) {
             (None, None) => return Ok(()),
-            (Some((reason, message)), Some(c)) if c.reason == *reason && c.message == *message => {
+            (Some((reason, message)), Some((r, m))) if r == reason && m == message => {
                 return Ok(());
             }
             (None, Some(_)) => json!([]),
@@ -36,20 +34,18 @@ impl Projector {
                 "status": "False",
                 "reason": reason,
                 "message": message,
-                "observedGeneration": si.metadata.generation,
+                "observedGeneration": entry.generation,
                 "lastTransitionTime": jiff::Timestamp::now().to_string(),
             }]),
         };
-        let (Some(ns), name) = (si.namespace(), si.name_any()) else {
-            return Ok(());
-        };
+        let name = entry.name();
         let patch = json!({
             "apiVersion": ServiceInstance::api_version(&()),
             "kind": ServiceInstance::kind(&()),
             "status": {"conditions": conditions},
         });
-        Api::<ServiceInstance>::namespaced(self.client.clone(), &ns)
-            .patch_status(&name, &apply_params(), &Patch::Apply(&patch))
+        Api::<ServiceInstance>::namespaced(self.client.clone(), ns)
+            .patch_status(name, &apply_params(), &Patch::Apply(&patch))
             .await
             .map_err(Error::kube(format!(
                 "set the Projected condition of {ns}/{name}"
@@ -64,7 +60,15 @@ impl Projector {
                 action: "Project".into(),
                 secondary: None,
             };
-            if let Err(e) = self.recorder.publish(&event, &si.object_ref(&())).await {
+            let reference = ObjectReference {
+                api_version: Some(ServiceInstance::api_version(&()).into()),
+                kind: Some(ServiceInstance::kind(&()).into()),
+                name: Some(name.into()),
+                namespace: Some(ns.into()),
+                uid: Some(entry.uid().into()),
+                ..ObjectReference::default()
+            };
+            if let Err(e) = self.recorder.publish(&event, &reference).await {
                 tracing::warn!(%name, error = %e, "cannot publish Event");
             }
         }

@@ -23,7 +23,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Trigger, Written};
 use crate::names::{
-    MANAGED_BY, MANAGED_BY_LABEL, SERVICE_LABEL, SERVICE_NAME_LABEL, SLICE_MANAGED_BY_LABEL,
+    ADOPT_ANNOTATION, MANAGED_BY, MANAGED_BY_LABEL, SERVICE_LABEL, SERVICE_NAME_LABEL,
+    SLICE_MANAGED_BY_LABEL,
 };
 
 /// Starts the watches of Services, EndpointSlices and ConfigMaps (the instance watch belongs to
@@ -142,7 +143,10 @@ where
         "EndpointSlice" => "EndpointSlice",
         _ => "ConfigMap",
     };
-    let stream = watcher(api, cx.config).default_backoff().reflect(writer);
+    let stream = watcher(api, cx.config)
+        .default_backoff()
+        .modify(|obj| crate::cache::prune(obj.meta_mut(), &[ADOPT_ANNOTATION]))
+        .reflect(writer);
     tokio::spawn(async move {
         let mut first_sync = true;
         let mut stream = std::pin::pin!(stream.take_until(cx.shutdown.cancelled_owned()));

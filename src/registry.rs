@@ -1,0 +1,451 @@
+//! The registry index: every instance the watch has shown, grouped by service, with the phase
+//! the judge gave it in this term. It is the one answer to "who is routable": the projector
+//! reads its members from here, never from instance status read back through the watch, so a
+//! verdict is projected the moment it is reached, without waiting for its status write's echo.
+//!
+//! The model is linkerd2's policy-controller index: the watch feeds it synchronously (`apply`,
+//! `delete`, and a relist as `resync_started` … `resync_done`), the judge feeds it verdicts
+//! (`judged`), and every call returns the services whose projection changed, only on a
+//! difference. [`Index`] is plain data, tested synchronously; [`Registry`] shares it and wakes
+//! the projector for each service that changed.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{Mutex, PoisonError},
+};
+
+use kube::ResourceExt;
+
+use crate::{
+    api::{Phase, ServiceInstance},
+    projection::Backend,
+    projector::Trigger,
+    status::conditions::PROJECTED,
+};
+
+/// A service: (namespace, service name).
+pub type ServiceKey = (String, String);
+
+/// An instance: (namespace, name).
+pub type InstanceKey = (String, String);
+
+/// One instance in the index.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    /// What the projection needs of it; `phase` is the one the status showed when the watch
+    /// last delivered it. Read it through [`Entry::backend`], which applies the verdict.
+    backend: Backend,
+    /// The judge's phase in this term; it outranks the status, which may lag behind it.
+    verdict: Option<Phase>,
+    /// `metadata.generation`, for the conditions the projector writes.
+    pub generation: Option<i64>,
+    /// The `Projected` condition its status shows: (reason, message).
+    pub projected: Option<(String, String)>,
+    /// Relist round in which the watch last showed it.
+    seen: u64,
+}
+
+impl Entry {
+    /// The instance as the projection sees it: the judge's phase where there is one.
+    pub fn backend(&self) -> Backend {
+        let mut backend = self.backend.clone();
+        if self.verdict.is_some() {
+            backend.phase = self.verdict;
+        }
+        backend
+    }
+
+    pub fn name(&self) -> &str {
+        &self.backend.name
+    }
+
+    pub fn uid(&self) -> &str {
+        &self.backend.uid
+    }
+
+    fn of(si: &ServiceInstance, seen: u64) -> Option<Entry> {
+        let projected = si
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.iter().find(|c| c.type_ == PROJECTED))
+            .map(|c| (c.reason.clone(), c.message.clone()));
+        Some(Entry {
+            backend: Backend::from_instance(si)?,
+            verdict: None,
+            generation: si.metadata.generation,
+            projected,
+            seen,
+        })
+    }
+}
+
+/// The index itself: plain data, no client.
+#[derive(Debug, Default)]
+pub struct Index {
+    /// Members of every service with at least one instance, by name (so in name order).
+    services: HashMap<ServiceKey, BTreeMap<String, Entry>>,
+    /// The service each instance is a member of.
+    instances: HashMap<InstanceKey, String>,
+    /// The current relist round; entries not seen in it are gone when it is done.
+    round: u64,
+}
+
+/// An instance a relist did not show again.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Gone {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+}
+
+/// Services whose projection changed: at most two per call (an instance that moved), so a
+/// small vector.
+pub type Changed = Vec<ServiceKey>;
+
+impl Index {
+    /// The watch delivered `si` (created, changed, or listed).
+    pub fn apply(&mut self, si: &ServiceInstance) -> Changed {
+        let (Some(namespace), Some(mut entry)) = (si.namespace(), Entry::of(si, self.round)) else {
+            return Changed::new();
+        };
+        let name = entry.backend.name.clone();
+        let service = si.spec.service.clone();
+        let mut changed = Changed::new();
+        let previous = self
+            .instances
+            .insert((namespace.clone(), name.clone()), service.clone());
+        let before = previous.and_then(|old| {
+            let key = (namespace.clone(), old);
+            let entry = self.remove_member(&key, &name);
+            if key.1 != service && entry.is_some() {
+                changed.push(key);
+            }
+            entry
+        });
+        // The same object (not one recreated under the same name) keeps its verdict.
+        if let Some(before) = &before
+            && before.backend.uid == entry.backend.uid
+        {
+            entry.verdict = before.verdict;
+        }
+        let key = (namespace, service);
+        if before.as_ref().map(Entry::backend) != Some(entry.backend()) || !changed.is_empty() {
+            changed.push(key.clone());
+        }
+        self.services.entry(key).or_default().insert(name, entry);
+        changed
+    }
+
+    /// The watch saw `namespace/name` deleted.
+    pub fn delete(&mut self, namespace: &str, name: &str) -> Changed {
+        let Some(service) = self
+            .instances
+            .remove(&(namespace.to_string(), name.to_string()))
+        else {
+            return Changed::new();
+        };
+        let key = (namespace.to_string(), service);
+        self.remove_member(&key, name);
+        vec![key]
+    }
+
+    /// The judge's verdict on an instance. Ignored for an instance the index does not hold
+    /// under that uid (deleted, or recreated since).
+    pub fn judged(&mut self, namespace: &str, name: &str, uid: &str, phase: Phase) -> Changed {
+        let Some(service) = self
+            .instances
+            .get(&(namespace.to_string(), name.to_string()))
+        else {
+            return Changed::new();
+        };
+        let key = (namespace.to_string(), service.clone());
+        let Some(entry) = self.services.get_mut(&key).and_then(|m| m.get_mut(name)) else {
+            return Changed::new();
+        };
+        if entry.backend.uid != uid || entry.verdict == Some(phase) {
+            return Changed::new();
+        }
+        let before = entry.backend();
+        entry.verdict = Some(phase);
+        if entry.backend() == before {
+            Changed::new()
+        } else {
+            vec![key]
+        }
+    }
+
+    /// A relist began: what it does not show again is gone when it is done.
+    pub fn resync_started(&mut self) {
+        self.round += 1;
+    }
+
+    /// The relist is complete: drops the instances it did not show (deleted while the watch
+    /// was down) and returns them, with their uids, beside the services that changed.
+    pub fn resync_done(&mut self) -> (Changed, Vec<Gone>) {
+        let round = self.round;
+        let gone: Vec<Gone> = self
+            .services
+            .iter()
+            .flat_map(|((ns, _), members)| {
+                members.values().filter(|e| e.seen != round).map(|e| Gone {
+                    namespace: ns.clone(),
+                    name: e.backend.name.clone(),
+                    uid: e.backend.uid.clone(),
+                })
+            })
+            .collect();
+        let mut changed = Changed::new();
+        for g in &gone {
+            for key in self.delete(&g.namespace, &g.name) {
+                if !changed.contains(&key) {
+                    changed.push(key);
+                }
+            }
+        }
+        (changed, gone)
+    }
+
+    /// The members of a service, in name order.
+    pub fn members(&self, key: &ServiceKey) -> Vec<Entry> {
+        self.services
+            .get(key)
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Every service with at least one instance.
+    pub fn services(&self) -> impl Iterator<Item = &ServiceKey> {
+        self.services.keys()
+    }
+
+    fn remove_member(&mut self, key: &ServiceKey, name: &str) -> Option<Entry> {
+        let members = self.services.get_mut(key)?;
+        let entry = members.remove(name);
+        if members.is_empty() {
+            self.services.remove(key);
+        }
+        entry
+    }
+}
+
+/// The index, shared by the watch, the judge and the projector; every change wakes the
+/// projector for the services it touched.
+pub struct Registry {
+    index: Mutex<Index>,
+    projection: Trigger,
+}
+
+impl Registry {
+    pub fn new(projection: Trigger) -> Registry {
+        Registry {
+            index: Mutex::default(),
+            projection,
+        }
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut Index) -> T) -> T {
+        f(&mut self.index.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    fn wake(&self, changed: Changed) {
+        for (namespace, service) in changed {
+            self.projection.project(&namespace, &service);
+        }
+    }
+
+    pub fn apply(&self, si: &ServiceInstance) {
+        self.wake(self.with(|i| i.apply(si)));
+    }
+
+    pub fn delete(&self, namespace: &str, name: &str) {
+        self.wake(self.with(|i| i.delete(namespace, name)));
+    }
+
+    pub fn judged(&self, namespace: &str, name: &str, uid: &str, phase: Phase) {
+        self.wake(self.with(|i| i.judged(namespace, name, uid, phase)));
+    }
+
+    pub fn resync_started(&self) {
+        self.with(Index::resync_started);
+    }
+
+    /// Returns the instances the relist did not show again, for the rest of the controller to
+    /// forget.
+    pub fn resync_done(&self) -> Vec<Gone> {
+        let (changed, gone) = self.with(Index::resync_done);
+        self.wake(changed);
+        gone
+    }
+
+    pub fn members(&self, key: &ServiceKey) -> Vec<Entry> {
+        self.with(|i| i.members(key))
+    }
+
+    pub fn services(&self) -> Vec<ServiceKey> {
+        self.with(|i| i.services().cloned().collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{InstancePort, ServiceInstanceSpec, ServiceInstanceStatus};
+
+    fn instance(name: &str, uid: &str, service: &str, phase: Option<Phase>) -> ServiceInstance {
+        let mut si = ServiceInstance::new(
+            name,
+            ServiceInstanceSpec::new(service, "10.0.0.1", vec![InstancePort::tcp("http", 80)]),
+        );
+        si.metadata.namespace = Some("ns".into());
+        si.metadata.uid = Some(uid.into());
+        si.status = phase.map(|p| ServiceInstanceStatus {
+            phase: Some(p),
+            ..ServiceInstanceStatus::default()
+        });
+        si
+    }
+
+    fn key(service: &str) -> ServiceKey {
+        ("ns".into(), service.into())
+    }
+
+    fn phases(index: &Index, service: &str) -> Vec<(String, Option<Phase>)> {
+        index
+            .members(&key(service))
+            .iter()
+            .map(|e| (e.name().to_string(), e.backend().phase))
+            .collect()
+    }
+
+    #[test]
+    fn a_verdict_is_projected_at_once_and_only_on_a_difference() {
+        let mut index = Index::default();
+        assert_eq!(
+            index.apply(&instance("a", "u1", "web", None)),
+            vec![key("web")]
+        );
+        // The same object again (a heartbeat): nothing the projection shows changed.
+        assert_eq!(index.apply(&instance("a", "u1", "web", None)), vec![]);
+        assert_eq!(
+            index.judged("ns", "a", "u1", Phase::Ready),
+            vec![key("web")]
+        );
+        assert_eq!(index.judged("ns", "a", "u1", Phase::Ready), vec![]);
+        assert_eq!(phases(&index, "web"), [("a".into(), Some(Phase::Ready))]);
+        // The status write's echo changes nothing; a stale status does not undo the verdict.
+        assert_eq!(
+            index.apply(&instance("a", "u1", "web", Some(Phase::Ready))),
+            vec![]
+        );
+        assert_eq!(
+            index.apply(&instance("a", "u1", "web", Some(Phase::Pending))),
+            vec![]
+        );
+        assert_eq!(phases(&index, "web"), [("a".into(), Some(Phase::Ready))]);
+    }
+
+    #[test]
+    fn before_any_verdict_the_written_status_stands() {
+        let mut index = Index::default();
+        index.apply(&instance("a", "u1", "web", Some(Phase::Unhealthy)));
+        assert_eq!(
+            phases(&index, "web"),
+            [("a".into(), Some(Phase::Unhealthy))]
+        );
+    }
+
+    #[test]
+    fn verdicts_for_another_uid_or_an_unknown_instance_are_ignored() {
+        let mut index = Index::default();
+        index.apply(&instance("a", "u1", "web", None));
+        assert_eq!(index.judged("ns", "a", "u0", Phase::Ready), vec![]);
+        assert_eq!(index.judged("ns", "b", "u2", Phase::Ready), vec![]);
+        // Recreated under the same name: the old object's verdict does not carry over.
+        index.judged("ns", "a", "u1", Phase::Ready);
+        assert_eq!(
+            index.apply(&instance("a", "u2", "web", None)),
+            vec![key("web")]
+        );
+        assert_eq!(phases(&index, "web"), [("a".into(), None)]);
+    }
+
+    #[test]
+    fn moving_to_another_service_changes_both_and_keeps_the_verdict() {
+        let mut index = Index::default();
+        index.apply(&instance("a", "u1", "web", None));
+        index.judged("ns", "a", "u1", Phase::Ready);
+        assert_eq!(
+            index.apply(&instance("a", "u1", "api", None)),
+            vec![key("web"), key("api")]
+        );
+        assert_eq!(phases(&index, "web"), []);
+        assert_eq!(phases(&index, "api"), [("a".into(), Some(Phase::Ready))]);
+        assert_eq!(index.services().collect::<Vec<_>>(), [&key("api")]);
+    }
+
+    #[test]
+    fn deletion_removes_the_member_and_its_empty_service() {
+        let mut index = Index::default();
+        index.apply(&instance("a", "u1", "web", None));
+        index.apply(&instance("b", "u2", "web", None));
+        assert_eq!(index.delete("ns", "a"), vec![key("web")]);
+        assert_eq!(index.delete("ns", "a"), vec![]);
+        assert_eq!(phases(&index, "web"), [("b".into(), None)]);
+        assert_eq!(index.delete("ns", "b"), vec![key("web")]);
+        assert_eq!(index.services().count(), 0);
+    }
+
+    #[test]
+    fn a_relist_drops_what_it_did_not_show_and_keeps_verdicts() {
+        let mut index = Index::default();
+        for (name, uid, service) in [("a", "u1", "web"), ("b", "u2", "web"), ("c", "u3", "api")] {
+            index.apply(&instance(name, uid, service, None));
+            index.judged("ns", name, uid, Phase::Ready);
+        }
+        index.resync_started();
+        assert_eq!(index.apply(&instance("a", "u1", "web", None)), vec![]);
+        let (mut changed, mut gone) = index.resync_done();
+        changed.sort();
+        gone.sort_by(|a, b| a.name.cmp(&b.name));
+        assert_eq!(changed, vec![key("api"), key("web")]);
+        let gone: Vec<(&str, &str)> = gone
+            .iter()
+            .map(|g| (g.name.as_str(), g.uid.as_str()))
+            .collect();
+        assert_eq!(gone, [("b", "u2"), ("c", "u3")]);
+        assert_eq!(phases(&index, "web"), [("a".into(), Some(Phase::Ready))]);
+        assert_eq!(phases(&index, "api"), []);
+        // The next relist starts from what is there now.
+        index.resync_started();
+        index.apply(&instance("a", "u1", "web", None));
+        assert_eq!(index.resync_done(), (vec![], vec![]));
+    }
+
+    #[test]
+    fn members_are_in_name_order_and_carry_their_projected_condition() {
+        let mut index = Index::default();
+        let mut b = instance("b", "u2", "web", None);
+        b.status = Some(ServiceInstanceStatus {
+            conditions: vec![k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+                type_: PROJECTED.into(),
+                status: "False".into(),
+                reason: "ServiceConflict".into(),
+                message: "taken".into(),
+                last_transition_time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                    jiff::Timestamp::UNIX_EPOCH,
+                ),
+                observed_generation: None,
+            }],
+            ..ServiceInstanceStatus::default()
+        });
+        index.apply(&b);
+        index.apply(&instance("a", "u1", "web", None));
+        let members = index.members(&key("web"));
+        let names: Vec<&str> = members.iter().map(Entry::name).collect();
+        assert_eq!(names, ["a", "b"]);
+        assert_eq!(
+            members[1].projected,
+            Some(("ServiceConflict".into(), "taken".into()))
+        );
+    }
+}
