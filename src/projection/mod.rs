@@ -1,7 +1,7 @@
 //! Projection: from a service's instances to the objects Kubernetes clients read — a
 //! selectorless Service, EndpointSlices and a ConfigMap with a JSON view.
 //!
-//! Pure functions over plain data; the projector (`src/projector.rs`) reads the stores, calls
+//! Pure functions over plain data; the projector (`src/projector/`) reads the registry index, calls
 //! these, and writes only what differs.
 
 use std::{
