@@ -40,7 +40,10 @@ pub struct Entry {
     /// `metadata.generation`, for the conditions the projector writes.
     pub generation: Option<i64>,
     /// The `Projected` condition its status shows: (reason, message).
-    pub projected: Option<(String, String)>,
+    projected: Option<(String, String)>,
+    /// What the projector last wrote of that condition, until the watch shows it: the
+    /// projection is woken by verdicts now, often before the echo of its last write.
+    reported: Option<Option<(String, String)>>,
     /// Relist round in which the watch last showed it.
     seen: u64,
 }
@@ -53,6 +56,15 @@ impl Entry {
             backend.phase = self.verdict;
         }
         backend
+    }
+
+    /// The `Projected` condition as it stands: what the projector last wrote, else what the
+    /// status shows.
+    pub fn projected(&self) -> Option<&(String, String)> {
+        match &self.reported {
+            Some(reported) => reported.as_ref(),
+            None => self.projected.as_ref(),
+        }
     }
 
     pub fn name(&self) -> &str {
@@ -74,6 +86,7 @@ impl Entry {
             verdict: None,
             generation: si.metadata.generation,
             projected,
+            reported: None,
             seen,
         })
     }
@@ -103,10 +116,12 @@ pub struct Gone {
 pub type Changed = Vec<ServiceKey>;
 
 impl Index {
-    /// The watch delivered `si` (created, changed, or listed).
-    pub fn apply(&mut self, si: &ServiceInstance) -> Changed {
+    /// The watch delivered `si` (created, changed, or listed). Returns the services that
+    /// changed and, if it replaced an object of the same name with another uid (deleted and
+    /// recreated while the watch was down), that object's uid, to be forgotten.
+    pub fn apply(&mut self, si: &ServiceInstance) -> (Changed, Option<String>) {
         let (Some(namespace), Some(mut entry)) = (si.namespace(), Entry::of(si, self.round)) else {
-            return Changed::new();
+            return (Changed::new(), None);
         };
         let name = entry.backend.name.clone();
         let service = si.spec.service.clone();
@@ -122,18 +137,65 @@ impl Index {
             }
             entry
         });
-        // The same object (not one recreated under the same name) keeps its verdict.
-        if let Some(before) = &before
-            && before.backend.uid == entry.backend.uid
-        {
-            entry.verdict = before.verdict;
+        // The same object (not one recreated under the same name) keeps its verdict, and what
+        // the projector wrote until the watch shows it.
+        let mut replaced = None;
+        if let Some(before) = &before {
+            if before.backend.uid == entry.backend.uid {
+                entry.verdict = before.verdict;
+                entry.reported = before
+                    .reported
+                    .clone()
+                    .filter(|reported| *reported != entry.projected);
+            } else {
+                replaced = Some(before.backend.uid.clone());
+            }
         }
         let key = (namespace, service);
         if before.as_ref().map(Entry::backend) != Some(entry.backend()) || !changed.is_empty() {
             changed.push(key.clone());
         }
         self.services.entry(key).or_default().insert(name, entry);
-        changed
+        (changed, replaced)
+    }
+
+    /// Whether the index holds `namespace/name` as the object with `uid`.
+    pub fn holds(&self, namespace: &str, name: &str, uid: &str) -> bool {
+        self.entry(namespace, name)
+            .is_some_and(|e| e.backend.uid == uid)
+    }
+
+    /// The projector wrote the instance's `Projected` condition (`None`: removed it).
+    pub fn reported(
+        &mut self,
+        namespace: &str,
+        name: &str,
+        uid: &str,
+        now: Option<(String, String)>,
+    ) {
+        if let Some(entry) = self.entry_mut(namespace, name)
+            && entry.backend.uid == uid
+        {
+            entry.reported = Some(now);
+        }
+    }
+
+    fn entry(&self, namespace: &str, name: &str) -> Option<&Entry> {
+        let service = self
+            .instances
+            .get(&(namespace.to_string(), name.to_string()))?;
+        self.services
+            .get(&(namespace.to_string(), service.clone()))?
+            .get(name)
+    }
+
+    fn entry_mut(&mut self, namespace: &str, name: &str) -> Option<&mut Entry> {
+        let service = self
+            .instances
+            .get(&(namespace.to_string(), name.to_string()))?;
+        self.services
+            .get_mut(&(namespace.to_string(), service.clone()))?
+            .get_mut(name)
     }
 
     /// The watch saw `namespace/name` deleted.
@@ -155,11 +217,12 @@ impl Index {
         let Some(service) = self
             .instances
             .get(&(namespace.to_string(), name.to_string()))
+            .cloned()
         else {
             return Changed::new();
         };
-        let key = (namespace.to_string(), service.clone());
-        let Some(entry) = self.services.get_mut(&key).and_then(|m| m.get_mut(name)) else {
+        let key = (namespace.to_string(), service);
+        let Some(entry) = self.entry_mut(namespace, name) else {
             return Changed::new();
         };
         if entry.backend.uid != uid || entry.verdict == Some(phase) {
@@ -253,8 +316,19 @@ impl Registry {
         }
     }
 
-    pub fn apply(&self, si: &ServiceInstance) {
-        self.wake(self.with(|i| i.apply(si)));
+    /// Returns the uid of an object of the same name that `si` replaced, to be forgotten.
+    pub fn apply(&self, si: &ServiceInstance) -> Option<String> {
+        let (changed, replaced) = self.with(|i| i.apply(si));
+        self.wake(changed);
+        replaced
+    }
+
+    pub fn holds(&self, namespace: &str, name: &str, uid: &str) -> bool {
+        self.with(|i| i.holds(namespace, name, uid))
+    }
+
+    pub fn reported(&self, namespace: &str, name: &str, uid: &str, now: Option<(String, String)>) {
+        self.with(|i| i.reported(namespace, name, uid, now));
     }
 
     pub fn delete(&self, namespace: &str, name: &str) {
@@ -317,15 +391,23 @@ mod tests {
             .collect()
     }
 
+    /// The services an apply changed (the replaced uid is tested on its own).
+    fn applied(index: &mut Index, si: &ServiceInstance) -> Changed {
+        index.apply(si).0
+    }
+
     #[test]
     fn a_verdict_is_projected_at_once_and_only_on_a_difference() {
         let mut index = Index::default();
         assert_eq!(
-            index.apply(&instance("a", "u1", "web", None)),
+            applied(&mut index, &instance("a", "u1", "web", None)),
             vec![key("web")]
         );
         // The same object again (a heartbeat): nothing the projection shows changed.
-        assert_eq!(index.apply(&instance("a", "u1", "web", None)), vec![]);
+        assert_eq!(
+            applied(&mut index, &instance("a", "u1", "web", None)),
+            vec![]
+        );
         assert_eq!(
             index.judged("ns", "a", "u1", Phase::Ready),
             vec![key("web")]
@@ -334,11 +416,14 @@ mod tests {
         assert_eq!(phases(&index, "web"), [("a".into(), Some(Phase::Ready))]);
         // The status write's echo changes nothing; a stale status does not undo the verdict.
         assert_eq!(
-            index.apply(&instance("a", "u1", "web", Some(Phase::Ready))),
+            applied(&mut index, &instance("a", "u1", "web", Some(Phase::Ready))),
             vec![]
         );
         assert_eq!(
-            index.apply(&instance("a", "u1", "web", Some(Phase::Pending))),
+            applied(
+                &mut index,
+                &instance("a", "u1", "web", Some(Phase::Pending))
+            ),
             vec![]
         );
         assert_eq!(phases(&index, "web"), [("a".into(), Some(Phase::Ready))]);
@@ -347,7 +432,10 @@ mod tests {
     #[test]
     fn before_any_verdict_the_written_status_stands() {
         let mut index = Index::default();
-        index.apply(&instance("a", "u1", "web", Some(Phase::Unhealthy)));
+        applied(
+            &mut index,
+            &instance("a", "u1", "web", Some(Phase::Unhealthy)),
+        );
         assert_eq!(
             phases(&index, "web"),
             [("a".into(), Some(Phase::Unhealthy))]
@@ -357,13 +445,13 @@ mod tests {
     #[test]
     fn verdicts_for_another_uid_or_an_unknown_instance_are_ignored() {
         let mut index = Index::default();
-        index.apply(&instance("a", "u1", "web", None));
+        applied(&mut index, &instance("a", "u1", "web", None));
         assert_eq!(index.judged("ns", "a", "u0", Phase::Ready), vec![]);
         assert_eq!(index.judged("ns", "b", "u2", Phase::Ready), vec![]);
         // Recreated under the same name: the old object's verdict does not carry over.
         index.judged("ns", "a", "u1", Phase::Ready);
         assert_eq!(
-            index.apply(&instance("a", "u2", "web", None)),
+            applied(&mut index, &instance("a", "u2", "web", None)),
             vec![key("web")]
         );
         assert_eq!(phases(&index, "web"), [("a".into(), None)]);
@@ -372,10 +460,10 @@ mod tests {
     #[test]
     fn moving_to_another_service_changes_both_and_keeps_the_verdict() {
         let mut index = Index::default();
-        index.apply(&instance("a", "u1", "web", None));
+        applied(&mut index, &instance("a", "u1", "web", None));
         index.judged("ns", "a", "u1", Phase::Ready);
         assert_eq!(
-            index.apply(&instance("a", "u1", "api", None)),
+            applied(&mut index, &instance("a", "u1", "api", None)),
             vec![key("web"), key("api")]
         );
         assert_eq!(phases(&index, "web"), []);
@@ -386,8 +474,8 @@ mod tests {
     #[test]
     fn deletion_removes_the_member_and_its_empty_service() {
         let mut index = Index::default();
-        index.apply(&instance("a", "u1", "web", None));
-        index.apply(&instance("b", "u2", "web", None));
+        applied(&mut index, &instance("a", "u1", "web", None));
+        applied(&mut index, &instance("b", "u2", "web", None));
         assert_eq!(index.delete("ns", "a"), vec![key("web")]);
         assert_eq!(index.delete("ns", "a"), vec![]);
         assert_eq!(phases(&index, "web"), [("b".into(), None)]);
@@ -399,11 +487,14 @@ mod tests {
     fn a_relist_drops_what_it_did_not_show_and_keeps_verdicts() {
         let mut index = Index::default();
         for (name, uid, service) in [("a", "u1", "web"), ("b", "u2", "web"), ("c", "u3", "api")] {
-            index.apply(&instance(name, uid, service, None));
+            applied(&mut index, &instance(name, uid, service, None));
             index.judged("ns", name, uid, Phase::Ready);
         }
         index.resync_started();
-        assert_eq!(index.apply(&instance("a", "u1", "web", None)), vec![]);
+        assert_eq!(
+            applied(&mut index, &instance("a", "u1", "web", None)),
+            vec![]
+        );
         let (mut changed, mut gone) = index.resync_done();
         changed.sort();
         gone.sort_by(|a, b| a.name.cmp(&b.name));
@@ -417,7 +508,7 @@ mod tests {
         assert_eq!(phases(&index, "api"), []);
         // The next relist starts from what is there now.
         index.resync_started();
-        index.apply(&instance("a", "u1", "web", None));
+        applied(&mut index, &instance("a", "u1", "web", None));
         assert_eq!(index.resync_done(), (vec![], vec![]));
     }
 
@@ -439,13 +530,34 @@ mod tests {
             ..ServiceInstanceStatus::default()
         });
         index.apply(&b);
-        index.apply(&instance("a", "u1", "web", None));
+        applied(&mut index, &instance("a", "u1", "web", None));
         let members = index.members(&key("web"));
         let names: Vec<&str> = members.iter().map(Entry::name).collect();
         assert_eq!(names, ["a", "b"]);
+        let conflict = ("ServiceConflict".to_string(), "taken".to_string());
+        assert_eq!(members[1].projected(), Some(&conflict));
+        // What the projector wrote stands until the watch shows it, then the watch rules.
+        index.reported("ns", "b", "u2", None);
+        assert_eq!(index.members(&key("web"))[1].projected(), None);
+        index.apply(&b); // an echo from before the write
+        assert_eq!(index.members(&key("web"))[1].projected(), None);
+        let mut cleared = b.clone();
+        cleared.status = None;
+        index.apply(&cleared); // the write's echo
+        index.apply(&b); // someone else sets it again
+        assert_eq!(index.members(&key("web"))[1].projected(), Some(&conflict));
+    }
+
+    #[test]
+    fn a_recreated_object_hands_back_the_uid_it_replaced() {
+        let mut index = Index::default();
+        assert_eq!(index.apply(&instance("a", "u1", "web", None)).1, None);
+        assert_eq!(index.apply(&instance("a", "u1", "web", None)).1, None);
+        assert!(index.holds("ns", "a", "u1"));
         assert_eq!(
-            members[1].projected,
-            Some(("ServiceConflict".into(), "taken".into()))
+            index.apply(&instance("a", "u2", "web", None)).1,
+            Some("u1".into())
         );
+        assert!(!index.holds("ns", "a", "u1") && index.holds("ns", "a", "u2"));
     }
 }

@@ -324,7 +324,7 @@ pub(super) async fn lead(
             slices,
             config_maps,
         },
-        registry,
+        registry: registry.clone(),
         metrics: metrics.clone(),
         recorder: recorder.clone(),
         options: projector::Options {
@@ -335,12 +335,25 @@ pub(super) async fn lead(
         synced,
         written,
     }));
-    tokio::spawn(status_writer.run(
+    // The status writer outlives the term by a drain on a graceful shutdown, but stops the
+    // moment a term is lost: another leader may be writing.
+    let writer_stop = CancellationToken::new();
+    let writer = tokio::spawn(status_writer.clone().run(
         client.clone(),
         metrics.clone(),
         projector.busy(),
-        term.clone(),
+        registry.clone(),
+        writer_stop.clone(),
     ));
+    {
+        let (term, shutdown, stop) = (term.clone(), shutdown.clone(), writer_stop.clone());
+        tokio::spawn(async move {
+            term.cancelled().await;
+            if !shutdown.is_cancelled() {
+                stop.cancel();
+            }
+        });
+    }
     tokio::spawn(projector.run(projection_keys, projection, term.clone()));
     tokio::spawn(report_undecodable(
         undecodable_rx,
@@ -385,5 +398,16 @@ pub(super) async fn lead(
         () = deadline => tracing::warn!("stopping in-flight reconciles now"),
     }
     term.cancel();
+    // Still holding the Lease on a graceful shutdown: what the judge decided is written before
+    // it is handed over, so the next leader starts from it.
+    if shutdown.is_cancelled()
+        && tokio::time::timeout(SHUTDOWN_GRACE, status_writer.drained())
+            .await
+            .is_err()
+    {
+        tracing::warn!("stopping with status writes still queued");
+    }
+    writer_stop.cancel();
+    let _ = writer.await;
     Ok(())
 }

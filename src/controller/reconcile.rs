@@ -100,6 +100,14 @@ pub(super) async fn reconcile(si: Arc<ServiceInstance>, ctx: Arc<Context>) -> Re
     let timing = Timing::of(&si.spec, &ctx.defaults);
     // What the status says now: what we last wrote when we have it (the cache may not have
     // caught up with our own writes yet), else the cache's.
+    if views.status_writer.take_abandoned(&uid) {
+        // Its last write was refused for good: decide it again against what is stored.
+        views
+            .written
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&uid);
+    }
     let baseline = views
         .written
         .lock()

@@ -29,6 +29,7 @@ use crate::{
     metrics::Metrics,
     names::FIELD_MANAGER,
     projector::Busy,
+    registry::Registry,
 };
 
 /// Status writes in flight at once.
@@ -58,6 +59,20 @@ pub(super) struct Queue {
     /// The newest submission per uid.
     latest: HashMap<String, u64>,
     next_seq: u64,
+    /// uids whose last write failed for good, until the reconcile asks.
+    abandoned: HashSet<String>,
+}
+
+/// How a write ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Outcome {
+    Written,
+    /// Not sent, or the instance is gone: nothing more to do.
+    Dropped,
+    /// Failed, may succeed later: retried unless superseded.
+    Failed,
+    /// Refused for good: not retried; the reconcile decides again.
+    Abandoned,
 }
 
 impl Queue {
@@ -99,11 +114,25 @@ impl Queue {
         Some(pending)
     }
 
+    /// Whether a status is waiting for an instance with no write in flight.
+    pub fn has_next(&self) -> bool {
+        self.order.iter().any(|uid| !self.in_flight.contains(uid))
+    }
+
+    /// Nothing waiting, nothing in flight.
+    pub fn is_idle(&self) -> bool {
+        self.waiting.is_empty() && self.in_flight.is_empty()
+    }
+
     /// A write finished. A failed one comes back for a retry unless it was superseded; returns
     /// it with its attempt counted, for the caller to resubmit after a backoff.
-    pub fn done(&mut self, pending: Pending, ok: bool) -> Option<Pending> {
+    pub fn done(&mut self, pending: Pending, outcome: Outcome) -> Option<Pending> {
         self.in_flight.remove(&pending.uid);
-        if ok || self.latest.get(&pending.uid) != Some(&pending.seq) {
+        let current = self.latest.get(&pending.uid) == Some(&pending.seq);
+        if outcome == Outcome::Abandoned && current {
+            self.abandoned.insert(pending.uid.clone());
+        }
+        if outcome != Outcome::Failed || !current {
             return None;
         }
         Some(Pending {
@@ -126,6 +155,7 @@ impl Queue {
     /// The instance is gone: nothing of it is written any more.
     pub fn forget(&mut self, uid: &str) {
         self.latest.remove(uid);
+        self.abandoned.remove(uid);
         if self.waiting.remove(uid).is_some() {
             self.order.retain(|u| u != uid);
         }
@@ -148,6 +178,8 @@ pub(super) fn backoff(attempts: u32) -> Duration {
 pub(super) struct StatusWriter {
     queue: Mutex<Queue>,
     wake: Notify,
+    /// Notified whenever a write finishes, for [`StatusWriter::drained`].
+    settled: Notify,
 }
 
 impl StatusWriter {
@@ -164,63 +196,112 @@ impl StatusWriter {
         self.queue().forget(uid);
     }
 
-    /// Writes until `term` ends; what is still queued then is dropped with the term.
+    /// Whether the last write of `uid` failed for good (a 4xx other than a conflict or
+    /// throttling: RBAC, validation); asking clears it. The reconcile then forgets that it
+    /// decided that status, so it is decided, and submitted, again.
+    pub fn take_abandoned(&self, uid: &str) -> bool {
+        self.queue().abandoned.remove(uid)
+    }
+
+    /// Returns once nothing is waiting or in flight (for a graceful shutdown: what the judge
+    /// decided reaches the apiserver before the Lease is handed over).
+    pub async fn drained(&self) {
+        loop {
+            let settled = self.settled.notified();
+            if self.queue().is_idle() {
+                return;
+            }
+            settled.await;
+        }
+    }
+
+    /// Writes until `stop`; what is still queued then is dropped. Only statuses of objects
+    /// the registry still holds under the same uid are sent: nothing of a deleted instance
+    /// lands on one recreated under its name.
     pub async fn run(
         self: Arc<Self>,
         client: Client,
         metrics: Arc<Metrics>,
         projection: Busy,
-        term: CancellationToken,
+        registry: Arc<Registry>,
+        stop: CancellationToken,
     ) {
         let mut writes = JoinSet::new();
+        let mut in_flight: HashMap<tokio::task::Id, Pending> = HashMap::new();
         loop {
-            let next = if writes.len() < CONCURRENCY {
-                self.queue().next()
-            } else {
-                None
-            };
-            if let Some(pending) = next {
-                // Projection first: it is what makes an instance routable.
-                projection.idle_within(YIELD_TO_PROJECTION).await;
-                let client = client.clone();
-                writes.spawn(async move {
-                    let result = write(&client, &pending).await;
-                    (pending, result)
-                });
-                continue;
+            if stop.is_cancelled() {
+                return;
             }
-            tokio::select! {
-                () = term.cancelled() => return,
-                () = self.wake.notified() => {}
-                Some(joined) = writes.join_next() => {
-                    let Ok((pending, result)) = joined else { continue };
-                    let ok = match result {
-                        Ok(()) => {
-                            metrics.status_written();
-                            true
-                        }
-                        // Deleted meanwhile: nothing to write.
-                        Err(Error::Kube { source: kube::Error::Api(s), .. }) if s.code == 404 => true,
-                        Err(e) => {
-                            metrics.reconcile_failed(&e);
-                            tracing::warn!(error = %crate::error::report(&e), "status write failed; retrying");
-                            false
-                        }
+            if writes.len() < CONCURRENCY && self.queue().has_next() {
+                // Projection first: it is what makes an instance routable. Once per round, so a
+                // busy projector slows status writes down but never stops them.
+                projection.idle_within(YIELD_TO_PROJECTION).await;
+                while writes.len() < CONCURRENCY && !stop.is_cancelled() {
+                    let Some(pending) = self.queue().next() else {
+                        break;
                     };
-                    let retry = self.queue().done(pending, ok);
-                    if let Some(retry) = retry {
-                        let (writer, term) = (self.clone(), term.clone());
-                        tokio::spawn(async move {
-                            tokio::select! {
-                                () = term.cancelled() => {}
-                                () = tokio::time::sleep(backoff(retry.attempts)) => {
-                                    writer.queue().retry(retry);
-                                    writer.wake.notify_one();
-                                }
-                            }
-                        });
+                    if !registry.holds(&pending.namespace, &pending.name, &pending.uid) {
+                        self.queue().done(pending, Outcome::Dropped);
+                        continue;
+                    }
+                    let (client, job) = (client.clone(), pending.clone());
+                    let id = writes.spawn(async move { write(&client, &job).await }).id();
+                    in_flight.insert(id, pending);
+                }
+                self.settled.notify_waiters();
+            }
+            let joined = tokio::select! {
+                biased;
+                () = stop.cancelled() => return,
+                Some(joined) = writes.join_next_with_id() => joined,
+                () = self.wake.notified() => continue,
+            };
+            let (id, result) = match joined {
+                Ok((id, result)) => (id, result),
+                // A write task that panicked: its instance must not stay "in flight".
+                Err(e) => (
+                    e.id(),
+                    Err(Error::Invalid(format!("status write task failed: {e}"))),
+                ),
+            };
+            let Some(pending) = in_flight.remove(&id) else {
+                continue;
+            };
+            let outcome = match result {
+                Ok(()) => {
+                    metrics.status_written();
+                    Outcome::Written
+                }
+                // Deleted meanwhile: nothing to write.
+                Err(Error::Kube {
+                    source: kube::Error::Api(s),
+                    ..
+                }) if s.code == 404 => Outcome::Dropped,
+                Err(e) => {
+                    metrics.reconcile_failed(&e);
+                    let terminal = matches!(&e, Error::Kube { source: kube::Error::Api(s), .. }
+                        if (400..500).contains(&s.code) && s.code != 409 && s.code != 429);
+                    tracing::warn!(namespace = %pending.namespace, name = %pending.name, terminal, error = %crate::error::report(&e), "status write failed");
+                    if terminal {
+                        Outcome::Abandoned
+                    } else {
+                        Outcome::Failed
                     }
                 }
+            };
+            let retry = self.queue().done(pending, outcome);
+            self.settled.notify_waiters();
+            if let Some(retry) = retry {
+                let (writer, stop) = (self.clone(), stop.clone());
+                tokio::spawn(async move {
+                    tokio::select! {
+                        () = stop.cancelled() => {}
+                        () = tokio::time::sleep(backoff(retry.attempts)) => {
+                            writer.queue().retry(retry);
+                            writer.wake.notify_one();
+                        }
+                    }
+                });
             }
         }
     }
@@ -288,7 +369,7 @@ mod tests {
         // a is in flight: b goes first, a waits for its write to finish.
         assert_eq!(q.next().unwrap().name, "b");
         assert!(q.next().is_none());
-        assert_eq!(q.done(first, true), None);
+        assert_eq!(q.done(first, Outcome::Written), None);
         assert_eq!(phase(&q.next().unwrap()), Some(Phase::Ready));
     }
 
@@ -297,20 +378,20 @@ mod tests {
         let mut q = Queue::default();
         q.submit("ns", "a", "ua", status(Phase::Ready));
         let write = q.next().unwrap();
-        let retry = q.done(write, false).unwrap();
+        let retry = q.done(write, Outcome::Failed).unwrap();
         assert_eq!(retry.attempts, 1);
         q.retry(retry);
         let again = q.next().unwrap();
         assert_eq!(again.attempts, 1);
         // A newer status while the retry waits: the old one is dropped, the new one written.
-        let retry = q.done(again, false).unwrap();
+        let retry = q.done(again, Outcome::Failed).unwrap();
         q.submit("ns", "a", "ua", status(Phase::Unhealthy));
         q.retry(retry);
         let next = q.next().unwrap();
         assert_eq!((phase(&next), next.attempts), (Some(Phase::Unhealthy), 0));
         // And a failure of a superseded write is not retried at all.
         q.submit("ns", "a", "ua", status(Phase::Ready));
-        assert_eq!(q.done(next, false), None);
+        assert_eq!(q.done(next, Outcome::Failed), None);
     }
 
     #[test]
@@ -321,7 +402,103 @@ mod tests {
         q.submit("ns", "a", "ua", status(Phase::Unhealthy));
         q.forget("ua");
         assert!(q.next().is_none());
-        assert_eq!(q.done(write, false), None);
+        assert_eq!(q.done(write, Outcome::Failed), None);
+    }
+
+    /// The request sequence against a mocked apiserver (controller-rs's fixtures are the
+    /// model): two statuses of one instance submitted before the writer runs are one apply of
+    /// the newer, with Roster's field manager, forced; a failed apply is sent again after the
+    /// backoff, and only a success counts as a write.
+    #[tokio::test]
+    async fn writes_the_newest_status_once_and_retries_a_failure() {
+        use http::{Request, Response};
+        use kube::client::Body;
+
+        let (service, mut apiserver) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let client = Client::new(service, "default");
+        let metrics = Arc::new(Metrics::default());
+        let writer = Arc::new(StatusWriter::default());
+        writer.submit("ns", "a", "ua", status(Phase::Pending));
+        writer.submit("ns", "a", "ua", status(Phase::Ready));
+        let term = CancellationToken::new();
+        let (trigger, _projections) = crate::projector::trigger();
+        let registry = Arc::new(Registry::new(trigger));
+        let mut si = ServiceInstance::new(
+            "a",
+            crate::api::ServiceInstanceSpec::new("web", "10.0.0.1", vec![]),
+        );
+        si.metadata.namespace = Some("ns".into());
+        si.metadata.uid = Some("ua".into());
+        registry.apply(&si);
+        // A status of an instance the registry does not hold (deleted, or recreated under
+        // another uid) is never sent.
+        writer.submit("ns", "b", "ub", status(Phase::Ready));
+        let task = tokio::spawn(writer.clone().run(
+            client,
+            metrics.clone(),
+            Busy::default(),
+            registry,
+            term.clone(),
+        ));
+
+        let mut bodies = Vec::new();
+        for answer in [500, 200] {
+            let (request, respond) =
+                tokio::time::timeout(Duration::from_secs(5), apiserver.next_request())
+                    .await
+                    .expect("a request within 5 s")
+                    .expect("the writer sends a request");
+            assert_eq!(request.method(), http::Method::PATCH);
+            assert_eq!(
+                request.uri().path(),
+                "/apis/roster.dev/v1alpha1/namespaces/ns/serviceinstances/a/status"
+            );
+            let query = request.uri().query().unwrap_or_default().to_string();
+            assert!(
+                query.contains("fieldManager=roster.dev%2Fcontroller")
+                    && query.contains("force=true"),
+                "{query}"
+            );
+            let body = request.into_body().collect_bytes().await.expect("body");
+            let body: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
+            bodies.push(body["status"]["phase"].clone());
+            let response = if answer == 200 {
+                serde_json::to_vec(&si).expect("serialize")
+            } else {
+                serde_json::to_vec(&json!({
+                    "kind": "Status", "apiVersion": "v1", "status": "Failure",
+                    "message": "etcd timeout", "reason": "InternalError", "code": 500,
+                }))
+                .expect("serialize")
+            };
+            respond.send_response(
+                Response::builder()
+                    .status(answer)
+                    .body(Body::from(response))
+                    .expect("response"),
+            );
+        }
+        assert_eq!(bodies, [json!("Ready"), json!("Ready")]);
+        // Nothing else is sent: the superseded Pending never was.
+        let written = async {
+            while !metrics.render().contains("roster_status_writes_total 1") {
+                tokio::task::yield_now().await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), written)
+            .await
+            .expect("one status write counted");
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), apiserver.next_request())
+                .await
+                .is_err(),
+            "a request after the status was written"
+        );
+        tokio::time::timeout(Duration::from_secs(5), writer.drained())
+            .await
+            .expect("drained");
+        term.cancel();
+        task.await.expect("writer task");
     }
 
     #[test]

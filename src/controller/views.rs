@@ -173,8 +173,11 @@ impl Views {
                 self.registry.resync_started();
             }
             watcher::Event::InitApply(si) | watcher::Event::Apply(si) => {
+                if let (Some(ns), Some(replaced)) = (si.namespace(), self.registry.apply(si)) {
+                    // Deleted and recreated while the watch was down: the old object is gone.
+                    self.forget(&ns, &si.name_any(), &replaced);
+                }
                 self.index(si, true);
-                self.registry.apply(si);
                 self.prober.watch(si);
             }
             watcher::Event::Delete(si) => {

@@ -95,9 +95,15 @@ pub struct Caches {
 }
 
 /// Whether the projector has work in hand, for writers that yield to it (status writes wait
-/// for projection writes).
+/// for projection writes). The default is never busy.
 #[derive(Clone)]
 pub struct Busy(watch::Receiver<bool>);
+
+impl Default for Busy {
+    fn default() -> Self {
+        Busy(watch::channel(false).1)
+    }
+}
 
 impl Busy {
     /// Returns once the projector has nothing in hand, or after `limit`.
@@ -188,14 +194,10 @@ impl Projector {
         // Everything that exists now, including orphans of services without instances.
         trigger.project_all();
         loop {
-            if keys.is_empty() {
-                self.busy.send_replace(false);
-            }
             let first = tokio::select! {
                 key = keys.recv() => match key { Some(k) => k, None => return },
                 () = shutdown.cancelled() => return,
             };
-            self.busy.send_replace(true);
             let mut batch = BTreeSet::from([first]);
             let window = tokio::time::sleep(self.options.window);
             tokio::pin!(window);
@@ -211,6 +213,9 @@ impl Projector {
             // A burst touches many services; one at a time, the batch's length is the sum of
             // their round trips (the benchmark saw 10 000 instances over 500 services fall
             // behind that way).
+            // Busy while the batch's writes are in flight (not during the window): status
+            // writes wait for this.
+            self.busy.send_replace(true);
             let mut results = futures::stream::iter(batch)
                 .map(|key| async {
                     let result = self.project(&key).await;
@@ -243,6 +248,7 @@ impl Projector {
                     }
                 }
             }
+            self.busy.send_replace(false);
         }
     }
 

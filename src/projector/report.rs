@@ -23,7 +23,7 @@ impl Projector {
         problem: Option<&Problem>,
         announce: bool,
     ) -> Result<()> {
-        let conditions = match (problem, &entry.projected) {
+        let conditions = match (problem, entry.projected()) {
             (None, None) => return Ok(()),
             (Some((reason, message)), Some((r, m))) if r == reason && m == message => {
                 return Ok(());
@@ -50,6 +50,12 @@ impl Projector {
             .map_err(Error::kube(format!(
                 "set the Projected condition of {ns}/{name}"
             )))?;
+        self.registry.reported(
+            ns,
+            name,
+            entry.uid(),
+            problem.map(|(r, m)| ((*r).to_string(), m.clone())),
+        );
         if let Some((reason, message)) = problem
             && announce
         {
