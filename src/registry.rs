@@ -32,10 +32,10 @@ pub type InstanceKey = (String, String);
 /// One instance in the index.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Entry {
-    /// What the projection needs of it; `phase` is the one the status showed when the watch
-    /// last delivered it. Read it through [`Entry::backend`], which applies the verdict.
+    /// What the projection needs of it. Its `phase` is the judge's in this term once there is
+    /// one (it outranks the status, which may lag behind it), else the status's.
     backend: Backend,
-    /// The judge's phase in this term; it outranks the status, which may lag behind it.
+    /// The judge's phase in this term.
     verdict: Option<Phase>,
     /// `metadata.generation`, for the conditions the projector writes.
     pub generation: Option<i64>,
@@ -49,13 +49,9 @@ pub struct Entry {
 }
 
 impl Entry {
-    /// The instance as the projection sees it: the judge's phase where there is one.
-    pub fn backend(&self) -> Backend {
-        let mut backend = self.backend.clone();
-        if self.verdict.is_some() {
-            backend.phase = self.verdict;
-        }
-        backend
+    /// The instance as the projection sees it.
+    pub fn backend(&self) -> &Backend {
+        &self.backend
     }
 
     /// The `Projected` condition as it stands: what the projector last wrote, else what the
@@ -142,7 +138,10 @@ impl Index {
         let mut replaced = None;
         if let Some(before) = &before {
             if before.backend.uid == entry.backend.uid {
-                entry.verdict = before.verdict;
+                if before.verdict.is_some() {
+                    entry.verdict = before.verdict;
+                    entry.backend.phase = before.verdict;
+                }
                 entry.reported = before
                     .reported
                     .clone()
@@ -152,7 +151,7 @@ impl Index {
             }
         }
         let key = (namespace, service);
-        if before.as_ref().map(Entry::backend) != Some(entry.backend()) || !changed.is_empty() {
+        if before.as_ref().map(Entry::backend) != Some(&entry.backend) || !changed.is_empty() {
             changed.push(key.clone());
         }
         self.services.entry(key).or_default().insert(name, entry);
@@ -214,27 +213,27 @@ impl Index {
     /// The judge's verdict on an instance. Ignored for an instance the index does not hold
     /// under that uid (deleted, or recreated since).
     pub fn judged(&mut self, namespace: &str, name: &str, uid: &str, phase: Phase) -> Changed {
+        // Called on every reconcile, heartbeats included: a verdict that did not change costs
+        // two lookups and no clone.
         let Some(service) = self
             .instances
             .get(&(namespace.to_string(), name.to_string()))
-            .cloned()
         else {
             return Changed::new();
         };
-        let key = (namespace.to_string(), service);
-        let Some(entry) = self.entry_mut(namespace, name) else {
+        let key = (namespace.to_string(), service.clone());
+        let Some(entry) = self.services.get_mut(&key).and_then(|m| m.get_mut(name)) else {
             return Changed::new();
         };
         if entry.backend.uid != uid || entry.verdict == Some(phase) {
             return Changed::new();
         }
-        let before = entry.backend();
         entry.verdict = Some(phase);
-        if entry.backend() == before {
-            Changed::new()
-        } else {
-            vec![key]
+        if entry.backend.phase == Some(phase) {
+            return Changed::new();
         }
+        entry.backend.phase = Some(phase);
+        vec![key]
     }
 
     /// A relist began: what it does not show again is gone when it is done.

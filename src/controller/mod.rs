@@ -317,7 +317,7 @@ pub(super) async fn lead(
             .or_else(|| std::env::var("HOSTNAME").ok()),
     };
     let recorder = Recorder::new(client.clone(), reporter);
-    let projector = Arc::new(projector::Projector::new(projector::Parts {
+    let projector = Arc::new(projector::Projector {
         client: client.clone(),
         caches: projector::Caches {
             services,
@@ -334,7 +334,8 @@ pub(super) async fn lead(
         },
         synced,
         written,
-    }));
+        state: projector::State::default(),
+    });
     // The status writer outlives the term by a drain on a graceful shutdown, but stops the
     // moment a term is lost: another leader may be writing.
     let writer_stop = CancellationToken::new();

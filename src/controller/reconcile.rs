@@ -100,21 +100,17 @@ pub(super) async fn reconcile(si: Arc<ServiceInstance>, ctx: Arc<Context>) -> Re
     let timing = Timing::of(&si.spec, &ctx.defaults);
     // What the status says now: what we last wrote when we have it (the cache may not have
     // caught up with our own writes yet), else the cache's.
-    if views.status_writer.take_abandoned(&uid) {
-        // Its last write was refused for good: decide it again against what is stored.
-        views
-            .written
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(&uid);
-    }
-    let baseline = views
-        .written
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .get(&uid)
-        .cloned()
-        .unwrap_or_else(|| status::liveness_view(si.status.as_ref()));
+    let baseline = {
+        let mut written = views.written.lock().unwrap_or_else(PoisonError::into_inner);
+        if views.status_writer.take_abandoned(&uid) {
+            // Its last write was refused for good: decide it again against what is stored.
+            written.remove(&uid);
+        }
+        written
+            .get(&uid)
+            .cloned()
+            .unwrap_or_else(|| status::liveness_view(si.status.as_ref()))
+    };
     let judgement = liveness::judge(timing, observed, status::prior(Some(&baseline)), now);
     // The health check's verdict; before this controller has one, the written one stands.
     problems.health_check =

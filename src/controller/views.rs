@@ -1,7 +1,7 @@
 //! What the watch streams tell the reconciler: observations, the Lease index, watch health.
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::HashMap,
     sync::{
         Arc, Mutex, PoisonError,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -19,6 +19,7 @@ use kube::{
 };
 
 use super::status_writer::StatusWriter;
+use crate::cache::Grouping;
 use crate::{
     api::{ServiceInstance, ServiceInstanceStatus},
     leader::{self},
@@ -41,7 +42,9 @@ pub(super) struct Views {
     /// starts a fresh view.
     pub(super) instance_watch_broken: AtomicBool,
     pub(super) lease_watch_broken: AtomicBool,
-    pub(super) lease_index: Mutex<LeaseIndex>,
+    /// Which instances heartbeat through which Lease, both ways, so a change of
+    /// `spec.leaseName` or a deletion leaves nothing behind.
+    pub(super) lease_index: Mutex<Grouping>,
     pub(super) observations: Mutex<Observations>,
     /// The last status this controller wrote, by uid: the cache can lag behind our own writes,
     /// and comparing with a stale copy would write (and announce) a transition twice.
@@ -159,7 +162,7 @@ impl Views {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         index
-            .instances(&ns, &lease.name_any())
+            .members(&ns, &lease.name_any())
             .map(|n| ObjectRef::new(n).within(&ns))
             .collect()
     }
@@ -216,43 +219,6 @@ impl Views {
             .unwrap_or_else(PoisonError::into_inner)
             .remove(uid);
         self.status_writer.forget(uid);
-    }
-}
-
-/// Which instances heartbeat through which Lease, both ways, so a change of `spec.leaseName`
-/// or a deletion leaves nothing behind.
-#[derive(Default)]
-pub(super) struct LeaseIndex {
-    pub(super) by_lease: HashMap<(String, String), BTreeSet<String>>,
-    pub(super) by_instance: HashMap<(String, String), String>,
-}
-
-impl LeaseIndex {
-    pub(super) fn set(&mut self, ns: &str, instance: &str, lease: Option<String>) {
-        let key = (ns.to_string(), instance.to_string());
-        if let Some(old) = self.by_instance.remove(&key) {
-            let lease_key = (ns.to_string(), old);
-            if let Some(names) = self.by_lease.get_mut(&lease_key) {
-                names.remove(instance);
-                if names.is_empty() {
-                    self.by_lease.remove(&lease_key);
-                }
-            }
-        }
-        if let Some(lease) = lease {
-            self.by_lease
-                .entry((ns.to_string(), lease.clone()))
-                .or_default()
-                .insert(instance.to_string());
-            self.by_instance.insert(key, lease);
-        }
-    }
-
-    pub(super) fn instances(&self, ns: &str, lease: &str) -> impl Iterator<Item = &String> {
-        self.by_lease
-            .get(&(ns.to_string(), lease.to_string()))
-            .into_iter()
-            .flatten()
     }
 }
 

@@ -20,6 +20,18 @@ use crate::{
     projection::{AddressType, DesiredSlice, ExistingSlice, PortKey, SliceKey},
 };
 
+/// A reference to an instance: an endpoint's `targetRef`, and what Events are about.
+pub fn instance_reference(ns: &str, name: &str, uid: &str) -> ObjectReference {
+    ObjectReference {
+        api_version: Some(ServiceInstance::api_version(&()).into()),
+        kind: Some(ServiceInstance::kind(&()).into()),
+        name: Some(name.into()),
+        namespace: Some(ns.into()),
+        uid: Some(uid.into()),
+        ..ObjectReference::default()
+    }
+}
+
 /// A Service is Roster's when it carries Roster's label or the user opted it in.
 pub fn is_ours(svc: &Service) -> bool {
     has_labels(svc.labels(), &[(MANAGED_BY_LABEL, MANAGED_BY)])
@@ -134,14 +146,7 @@ pub fn slice_object(
                         terminating: Some(c.terminating),
                     }),
                     zone: m.zone.clone(),
-                    target_ref: Some(ObjectReference {
-                        api_version: Some(ServiceInstance::api_version(&()).into()),
-                        kind: Some(ServiceInstance::kind(&()).into()),
-                        name: Some(m.name.clone()),
-                        namespace: Some(ns.into()),
-                        uid: Some(m.uid.clone()),
-                        ..ObjectReference::default()
-                    }),
+                    target_ref: Some(instance_reference(ns, &m.name, &m.uid)),
                     ..Endpoint::default()
                 }
             })

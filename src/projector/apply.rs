@@ -3,7 +3,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    sync::{Arc, PoisonError},
+    sync::PoisonError,
 };
 
 use k8s_openapi::{
@@ -26,7 +26,7 @@ use crate::{
     Error, Result,
     names::{
         CONFIG_KEY, MANAGED_BY, MANAGED_BY_LABEL, PROJECTION_MANAGER, SERVICE_LABEL,
-        SERVICE_NAME_LABEL, config_map_name,
+        config_map_name,
     },
     projection::{self, Backend, ExistingSlice},
 };
@@ -105,16 +105,7 @@ impl Projector {
         members: &[Backend],
         owner: &OwnerReference,
     ) -> Result<()> {
-        let stored: Vec<Arc<EndpointSlice>> = self
-            .caches
-            .slices
-            .state()
-            .into_iter()
-            .filter(|s| {
-                s.namespace().as_deref() == Some(ns)
-                    && s.labels().get(SERVICE_NAME_LABEL).map(String::as_str) == Some(service)
-            })
-            .collect();
+        let stored = self.caches.slices.of(ns, service);
         let existing: Vec<ExistingSlice> =
             stored.iter().filter_map(|s| existing_slice(s)).collect();
         let desired = projection::pack(service, members, &existing);
@@ -243,10 +234,7 @@ impl Projector {
     ) -> Result<()> {
         self.track_too_large(&(ns.to_string(), service.to_string()), false);
         let slices: Api<EndpointSlice> = Api::namespaced(self.client.clone(), ns);
-        for slice in self.caches.slices.state().iter().filter(|s| {
-            s.namespace().as_deref() == Some(ns)
-                && s.labels().get(SERVICE_NAME_LABEL).map(String::as_str) == Some(service)
-        }) {
+        for slice in self.caches.slices.of(ns, service) {
             delete(&slices, &slice.name_any()).await?;
             self.written
                 .record("EndpointSlice", ns, &slice.name_any(), None, String::new());
@@ -273,7 +261,8 @@ impl Projector {
             )
             .await?;
             if let Some(uid) = svc.uid() {
-                self.deleted_services
+                self.state
+                    .deleted_services
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
                     .insert(uid);

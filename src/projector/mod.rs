@@ -16,7 +16,7 @@ mod report;
 mod watches;
 mod written;
 
-pub use watches::{Synced, watch_children};
+pub use watches::{ByService, Synced, watch_children};
 pub use written::Written;
 
 use std::{
@@ -90,7 +90,7 @@ pub fn trigger() -> (Trigger, mpsc::UnboundedReceiver<ServiceKey>) {
 /// The caches of what the projector writes.
 pub struct Caches {
     pub services: Store<Service>,
-    pub slices: Store<EndpointSlice>,
+    pub slices: ByService<EndpointSlice>,
     pub config_maps: Store<ConfigMap>,
 }
 
@@ -125,7 +125,13 @@ pub struct Projector {
     pub recorder: Recorder,
     pub options: Options,
     pub synced: Arc<Synced>,
-    written: Arc<Written>,
+    pub written: Arc<Written>,
+    /// What the projector keeps for itself; starts empty.
+    pub state: State,
+}
+
+/// The projector's own bookkeeping.
+pub struct State {
     busy: watch::Sender<bool>,
     /// uids of Services the projector deleted: the cache may still show them.
     deleted_services: Mutex<HashSet<String>>,
@@ -135,49 +141,21 @@ pub struct Projector {
     failures: Mutex<HashMap<ServiceKey, u32>>,
 }
 
-/// What a projector is made of.
-pub struct Parts {
-    pub client: Client,
-    pub caches: Caches,
-    pub registry: Arc<Registry>,
-    pub metrics: Arc<Metrics>,
-    pub recorder: Recorder,
-    pub options: Options,
-    pub synced: Arc<Synced>,
-    pub written: Arc<Written>,
-}
-
-impl Projector {
-    pub fn new(parts: Parts) -> Self {
-        let Parts {
-            client,
-            caches,
-            registry,
-            metrics,
-            recorder,
-            options,
-            synced,
-            written,
-        } = parts;
-        Projector {
-            client,
-            caches,
-            registry,
-            metrics,
-            recorder,
-            options,
-            synced,
-            written,
+impl Default for State {
+    fn default() -> Self {
+        State {
             busy: watch::Sender::new(false),
             deleted_services: Mutex::default(),
             too_large: Mutex::default(),
             failures: Mutex::default(),
         }
     }
+}
 
+impl Projector {
     /// Whether this projector has work in hand.
     pub fn busy(&self) -> Busy {
-        Busy(self.busy.subscribe())
+        Busy(self.state.busy.subscribe())
     }
 
     /// Projects services as they are triggered, coalescing bursts, until `shutdown`.
@@ -215,7 +193,7 @@ impl Projector {
             // behind that way).
             // Busy while the batch's writes are in flight (not during the window): status
             // writes wait for this.
-            self.busy.send_replace(true);
+            self.state.busy.send_replace(true);
             let mut results = futures::stream::iter(batch)
                 .map(|key| async {
                     let result = self.project(&key).await;
@@ -227,7 +205,11 @@ impl Projector {
                     next = results.next() => match next { Some(r) => r, None => break },
                     () = shutdown.cancelled() => return,
                 };
-                let mut failures = self.failures.lock().unwrap_or_else(PoisonError::into_inner);
+                let mut failures = self
+                    .state
+                    .failures
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
                 match result {
                     Ok(()) => {
                         failures.remove(&key);
@@ -248,7 +230,7 @@ impl Projector {
                     }
                 }
             }
-            self.busy.send_replace(false);
+            self.state.busy.send_replace(false);
         }
     }
 
@@ -259,7 +241,7 @@ impl Projector {
                 keys.insert((ns, svc.clone()));
             }
         };
-        for slice in self.caches.slices.state() {
+        for slice in self.caches.slices.store.state() {
             add(slice.namespace(), slice.labels().get(SERVICE_NAME_LABEL));
         }
         for cm in self.caches.config_maps.state() {
@@ -277,7 +259,7 @@ impl Projector {
     pub async fn project(&self, key: &ServiceKey) -> Result<()> {
         let (ns, service) = key;
         let instances = self.registry.members(key);
-        let members: Vec<Backend> = instances.iter().map(|e| e.backend()).collect();
+        let members: Vec<Backend> = instances.iter().map(|e| e.backend().clone()).collect();
 
         let stored_service = self
             .caches
@@ -365,6 +347,7 @@ impl Projector {
 
     pub(super) fn was_deleted(&self, svc: &Service) -> bool {
         let deleted = self
+            .state
             .deleted_services
             .lock()
             .unwrap_or_else(PoisonError::into_inner);

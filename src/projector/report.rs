@@ -10,8 +10,10 @@ use kube::{
 use serde_json::json;
 
 use super::{Problem, Projector, ServiceKey, apply::apply_params};
-use crate::{Error, Result, api::ServiceInstance, registry::Entry, status::conditions::PROJECTED};
-use k8s_openapi::api::core::v1::ObjectReference;
+use crate::{
+    Error, Result, api::ServiceInstance, projection::objects::instance_reference, registry::Entry,
+    status::conditions::PROJECTED,
+};
 
 impl Projector {
     /// Sets (or clears) the `Projected` condition of an instance: written only when it
@@ -66,14 +68,7 @@ impl Projector {
                 action: "Project".into(),
                 secondary: None,
             };
-            let reference = ObjectReference {
-                api_version: Some(ServiceInstance::api_version(&()).into()),
-                kind: Some(ServiceInstance::kind(&()).into()),
-                name: Some(name.into()),
-                namespace: Some(ns.into()),
-                uid: Some(entry.uid().into()),
-                ..ObjectReference::default()
-            };
+            let reference = instance_reference(ns, name, entry.uid());
             if let Err(e) = self.recorder.publish(&event, &reference).await {
                 tracing::warn!(%name, error = %e, "cannot publish Event");
             }
@@ -83,6 +78,7 @@ impl Projector {
 
     pub(super) fn track_too_large(&self, key: &ServiceKey, too_large: bool) {
         let mut set = self
+            .state
             .too_large
             .lock()
             .unwrap_or_else(PoisonError::into_inner);

@@ -1,7 +1,7 @@
 //! The watches of what the projector writes: Services, EndpointSlices and ConfigMaps.
 
 use std::sync::{
-    Arc,
+    Arc, Mutex, PoisonError,
     atomic::{AtomicBool, AtomicUsize, Ordering},
 };
 
@@ -14,7 +14,7 @@ use kube::{
     Api, Client, Resource, ResourceExt,
     runtime::{
         WatchStreamExt,
-        reflector::{self, Store},
+        reflector::{self, ObjectRef, Store},
         watcher::{self, watcher},
     },
 };
@@ -22,6 +22,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::{Trigger, Written};
+use crate::cache::Grouping;
 use crate::names::{
     ADOPT_ANNOTATION, MANAGED_BY, MANAGED_BY_LABEL, SERVICE_LABEL, SERVICE_NAME_LABEL,
     SLICE_MANAGED_BY_LABEL,
@@ -37,7 +38,7 @@ pub fn watch_children(
     shutdown: &CancellationToken,
 ) -> (
     Store<Service>,
-    Store<EndpointSlice>,
+    ByService<EndpointSlice>,
     Store<ConfigMap>,
     Arc<Synced>,
 ) {
@@ -64,7 +65,25 @@ pub fn watch_children(
         watch(watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}"))),
         |cm| cm.labels().get(SERVICE_LABEL).cloned(),
     );
-    (services, slices, config_maps, synced)
+    (services.store, slices, config_maps.store, synced)
+}
+
+/// A watch cache with its objects grouped by the service they belong to, so one service's
+/// objects are found without scanning the whole cache.
+pub struct ByService<K: Resource<DynamicType = ()> + Clone + 'static> {
+    pub store: Store<K>,
+    groups: Arc<Mutex<Grouping>>,
+}
+
+impl<K: Resource<DynamicType = ()> + Clone + 'static> ByService<K> {
+    /// The cached objects of service `ns/service`, in name order.
+    pub fn of(&self, ns: &str, service: &str) -> Vec<Arc<K>> {
+        let groups = self.groups.lock().unwrap_or_else(PoisonError::into_inner);
+        groups
+            .members(ns, service)
+            .filter_map(|name| self.store.get(&ObjectRef::new(name).within(ns)))
+            .collect()
+    }
 }
 
 /// Counts synced watches; the projector starts once all of them are.
@@ -127,7 +146,7 @@ pub(super) fn spawn_watch<K>(
     api: Api<K>,
     cx: WatchContext,
     service_of: fn(&K) -> Option<String>,
-) -> Store<K>
+) -> ByService<K>
 where
     K: Resource<DynamicType = ()>
         + Clone
@@ -147,29 +166,53 @@ where
         .default_backoff()
         .modify(|obj| crate::cache::prune(obj.meta_mut(), &[ADOPT_ANNOTATION]))
         .reflect(writer);
+    let groups = Arc::new(Mutex::new(Grouping::default()));
+    let cache = ByService {
+        store: reader.clone(),
+        groups: groups.clone(),
+    };
     tokio::spawn(async move {
         let mut first_sync = true;
         let mut stream = std::pin::pin!(stream.take_until(cx.shutdown.cancelled_owned()));
         while let Some(event) = stream.next().await {
             match event {
-                Ok(watcher::Event::Apply(obj) | watcher::Event::Delete(obj)) => {
+                Ok(
+                    ref event @ (watcher::Event::Apply(ref obj) | watcher::Event::Delete(ref obj)),
+                ) => {
                     let (ns, name) = (obj.namespace().unwrap_or_default(), obj.name_any());
                     cx.written
                         .observed(kind, &ns, &name, obj.resource_version().as_deref());
-                    if let Some(svc) = service_of(&obj) {
+                    let service = service_of(obj);
+                    let present = matches!(event, watcher::Event::Apply(_));
+                    groups.lock().unwrap_or_else(PoisonError::into_inner).set(
+                        &ns,
+                        &name,
+                        service.clone().filter(|_| present),
+                    );
+                    if let Some(svc) = service {
                         cx.trigger.project(&ns, &svc);
                     }
                 }
-                Ok(watcher::Event::InitDone) if first_sync => {
-                    first_sync = false;
-                    cx.synced.child_synced();
+                Ok(watcher::Event::InitDone) => {
+                    // The cache was swapped in whole: group it afresh.
+                    let mut fresh = Grouping::default();
+                    for obj in reader.state() {
+                        let ns = obj.namespace().unwrap_or_default();
+                        fresh.set(&ns, &obj.name_any(), service_of(&obj));
+                    }
+                    *groups.lock().unwrap_or_else(PoisonError::into_inner) = fresh;
+                    if first_sync {
+                        first_sync = false;
+                        cx.synced.child_synced();
+                    } else {
+                        // A relist: events may have been missed.
+                        cx.trigger.project_all();
+                    }
                 }
-                // A relist: the cache was swapped in whole and events may have been missed.
-                Ok(watcher::Event::InitDone) => cx.trigger.project_all(),
                 Ok(_) => {}
                 Err(e) => tracing::warn!(%kind, error = %e, "watch"),
             }
         }
     });
-    reader
+    cache
 }

@@ -599,3 +599,121 @@ async fn a_service_too_big_for_a_config_map_says_so_and_keeps_its_slices() {
     );
     await_event(&client, &ns.name, "h000", "ConfigMapTooLarge", TIMEOUT).await;
 }
+
+/// Routing does not wait for the status write: with every status write of the namespace refused
+/// (a ValidatingAdmissionPolicy on `serviceinstances/status`), a registered instance is still
+/// routed from the judge's verdict in the registry index; once writes are allowed again, its
+/// next reconcile decides the refused status again and writes it.
+#[tokio::test]
+async fn routing_does_not_wait_for_the_status_write() {
+    use k8s_openapi::api::admissionregistration::v1::{
+        ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
+    };
+    let client = harness::client().await;
+    let ns = TestNamespace::new(&client, "held").await;
+    let api: Api<ServiceInstance> = Api::namespaced(client.clone(), &ns.name);
+    let name = format!("roster-test-hold-status-{}", ns.name);
+    let policies: Api<ValidatingAdmissionPolicy> = Api::all(client.clone());
+    let bindings: Api<ValidatingAdmissionPolicyBinding> = Api::all(client.clone());
+    let policy: ValidatingAdmissionPolicy = serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "spec": {
+            "failurePolicy": "Fail",
+            "matchConstraints": {"resourceRules": [{
+                "apiGroups": ["roster.dev"], "apiVersions": ["*"],
+                "operations": ["CREATE", "UPDATE"], "resources": ["serviceinstances/status"],
+            }]},
+            "validations": [{"expression": "false", "message": "status writes held back by the test"}],
+        },
+    }))
+    .expect("policy");
+    policies
+        .create(&PostParams::default(), &policy)
+        .await
+        .expect("create policy");
+    let binding: ValidatingAdmissionPolicyBinding = serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "spec": {
+            "policyName": name,
+            "validationActions": ["Deny"],
+            "matchResources": {"namespaceSelector": {"matchLabels": {
+                "kubernetes.io/metadata.name": ns.name,
+            }}},
+        },
+    }))
+    .expect("binding");
+    bindings
+        .create(&PostParams::default(), &binding)
+        .await
+        .expect("create binding");
+    // The policy takes effect once the apiserver has loaded it: probe with a status write of
+    // our own until it is refused (and, later, accepted again).
+    let probe = |name: &'static str| {
+        let api = api.clone();
+        async move {
+            api.create(&PostParams::default(), &instance("probe", name, "10.9.0.9"))
+                .await
+                .expect("create probe");
+            name.to_string()
+        }
+    };
+    let status_writes_refused = |probe: String, refused: bool| {
+        let api = api.clone();
+        async move {
+            let patch = json!({"status": {"phase": "Pending"}});
+            let attempt = async {
+                let mut retry = tokio::time::interval(Duration::from_millis(200));
+                loop {
+                    retry.tick().await;
+                    let result = api
+                        .patch_status(&probe, &PatchParams::default(), &Patch::Merge(&patch))
+                        .await;
+                    if result.is_err() == refused {
+                        return;
+                    }
+                }
+            };
+            tokio::time::timeout(TIMEOUT, attempt)
+                .await
+                .unwrap_or_else(|_| panic!("status writes never became refused={refused}"));
+        }
+    };
+    let before = probe("probe-before").await;
+    status_writes_refused(before.clone(), true).await;
+    api.delete(&before, &DeleteParams::default())
+        .await
+        .expect("delete probe");
+
+    let _controller = ControllerProcess::start(&harness::kubeconfig().await, &ns.name);
+    api.create(&PostParams::default(), &instance("held", "a", "10.9.0.1"))
+        .await
+        .expect("create a");
+    await_slices(&client, &ns.name, "held", "a ready", |s| {
+        endpoint(s, "a") == Some((true, true, false))
+    })
+    .await;
+    let a = api.get("a").await.expect("get a");
+    assert_eq!(harness::phase(Some(&a)), None, "a status write got through");
+
+    bindings
+        .delete(&name, &DeleteParams::default())
+        .await
+        .expect("delete binding");
+    let after = probe("probe-after").await;
+    status_writes_refused(after, false).await;
+    // A heartbeat brings a reconcile, which decides the refused status again.
+    api.patch(
+        "a",
+        &PatchParams::default(),
+        &Patch::Merge(&json!({"metadata": {"annotations": {
+            "roster.dev/heartbeat": jiff::Timestamp::now().to_string(),
+        }}})),
+    )
+    .await
+    .expect("heartbeat");
+    harness::await_phase(&api, "a", Phase::Ready, TIMEOUT).await;
+    policies
+        .delete(&name, &DeleteParams::default())
+        .await
+        .expect("delete policy");
+}
