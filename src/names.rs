@@ -24,6 +24,12 @@ pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 pub const SERVICE_LABEL: &str = "roster.dev/service";
 /// Annotation on a Service a user created that lets Roster take it over.
 pub const ADOPT_ANNOTATION: &str = "roster.dev/adopt";
+/// Label that keeps kube-controller-manager's mirroring controller from copying an Endpoints
+/// object into EndpointSlices (Roster writes its own).
+pub const SKIP_MIRROR_LABEL: &str = "endpointslice.kubernetes.io/skip-mirror";
+/// Annotation on an Endpoints object that lists fewer addresses than there are, as Kubernetes'
+/// endpoints controller sets it (value `truncated`).
+pub const OVER_CAPACITY_ANNOTATION: &str = "endpoints.kubernetes.io/over-capacity";
 /// Key of the JSON view in a service's ConfigMap.
 pub const CONFIG_KEY: &str = "instances.json";
 

@@ -211,9 +211,10 @@ pub(super) async fn lead(
         announce: announce_tx,
     });
     let written = Arc::new(projector::Written::default());
-    let (services, slices, config_maps, synced) = projector::watch_children(
+    let (caches, synced) = projector::watch_children(
         &client,
         settings.namespace.as_deref(),
+        settings.endpoints,
         &projection,
         &written,
         term,
@@ -319,11 +320,7 @@ pub(super) async fn lead(
     let recorder = Recorder::new(client.clone(), reporter);
     let projector = Arc::new(projector::Projector {
         client: client.clone(),
-        caches: projector::Caches {
-            services,
-            slices,
-            config_maps,
-        },
+        caches,
         registry: registry.clone(),
         metrics: metrics.clone(),
         recorder: recorder.clone(),

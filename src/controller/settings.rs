@@ -37,6 +37,10 @@ pub struct Settings {
     /// Project into headless Services (`clusterIP: None`) instead of ClusterIP Services.
     #[arg(long)]
     pub headless_services: bool,
+    /// Also write a v1 Endpoints object per service, for readers that predate EndpointSlices
+    /// (labelled so kube-controller-manager does not mirror it; at most 1000 addresses).
+    #[arg(long)]
+    pub endpoints: bool,
     /// Maximum number of health checks running at the same time.
     #[arg(long, default_value_t = 64)]
     pub probe_concurrency: usize,

@@ -334,6 +334,68 @@ pub fn config_json(service: &str, members: &[Backend]) -> String {
 /// 1 MiB ConfigMap data limit, less room for metadata.
 pub const MAX_CONFIG_BYTES: usize = 1_000_000;
 
+/// At most this many addresses in an Endpoints object, as Kubernetes' endpoints controller
+/// (which marks a truncated object with `endpoints.kubernetes.io/over-capacity: truncated`).
+pub const MAX_ENDPOINTS_ADDRESSES: usize = 1000;
+
+/// The v1 Endpoints view of a service, for readers that predate EndpointSlices.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EndpointsView {
+    /// Ordered by ports; addresses in each ordered by address, then name.
+    pub subsets: Vec<DesiredSubset>,
+    /// More instances could be listed than [`MAX_ENDPOINTS_ADDRESSES`].
+    pub truncated: bool,
+}
+
+/// One subset: the instances that share a port list.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DesiredSubset {
+    pub ports: Vec<PortKey>,
+    pub ready: Vec<Backend>,
+    pub not_ready: Vec<Backend>,
+}
+
+/// What an Endpoints object should hold. An Endpoints address is an IP, so instances addressed
+/// by name (and those no endpoint can hold) are left out, as are instances being deleted (the
+/// endpoints controller drops terminating pods; Endpoints cannot say "serving"). Ready instances
+/// are `addresses`; the rest (Pending, Unhealthy, Draining, weight 0) are `notReadyAddresses`.
+/// Over the cap, ready instances are kept first, then by name, so the choice is stable.
+pub fn endpoints_view(members: &[Backend]) -> EndpointsView {
+    let mut listed: Vec<(&Backend, bool)> = members
+        .iter()
+        .filter(|m| {
+            !m.deleting && m.endpoint_problem().is_none() && m.address.parse::<IpAddr>().is_ok()
+        })
+        .map(|m| (m, m.conditions().ready))
+        .collect();
+    listed.sort_by(|(a, a_ready), (b, b_ready)| b_ready.cmp(a_ready).then(a.name.cmp(&b.name)));
+    let truncated = listed.len() > MAX_ENDPOINTS_ADDRESSES;
+    listed.truncate(MAX_ENDPOINTS_ADDRESSES);
+    let mut subsets: BTreeMap<Vec<PortKey>, DesiredSubset> = BTreeMap::new();
+    for (member, ready) in listed {
+        let ports = member.slice_key().ports;
+        let subset = subsets
+            .entry(ports.clone())
+            .or_insert_with(|| DesiredSubset {
+                ports,
+                ready: Vec::new(),
+                not_ready: Vec::new(),
+            });
+        if ready {
+            subset.ready.push(member.clone());
+        } else {
+            subset.not_ready.push(member.clone());
+        }
+    }
+    let mut subsets: Vec<DesiredSubset> = subsets.into_values().collect();
+    for subset in &mut subsets {
+        for list in [&mut subset.ready, &mut subset.not_ready] {
+            list.sort_by(|a, b| a.address.cmp(&b.address).then(a.name.cmp(&b.name)));
+        }
+    }
+    EndpointsView { subsets, truncated }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -363,6 +425,66 @@ mod tests {
                 )
             })
             .collect()
+    }
+
+    #[test]
+    fn endpoints_list_ready_and_not_ready_ip_addresses_by_port_list() {
+        let mut members = vec![
+            member("b", "10.0.0.2", Phase::Ready),
+            member("a", "10.0.0.1", Phase::Ready),
+            member("pending", "10.0.0.3", Phase::Pending),
+            member("draining", "10.0.0.4", Phase::Draining),
+            member("by-name", "svc.example.com", Phase::Ready),
+            member("loopback", "127.0.0.1", Phase::Ready),
+            member("grpc", "10.0.0.9", Phase::Ready),
+            member("going", "10.0.0.5", Phase::Ready),
+        ];
+        members[6].ports = vec![InstancePort::tcp("grpc", 9090)];
+        members[7].deleting = true;
+        let view = endpoints_view(&members);
+        assert!(!view.truncated);
+        let names = |list: &[Backend]| list.iter().map(|m| m.name.clone()).collect::<Vec<_>>();
+        let summary: Vec<(String, Vec<String>, Vec<String>)> = view
+            .subsets
+            .iter()
+            .map(|s| {
+                (
+                    s.ports[0].name.clone(),
+                    names(&s.ready),
+                    names(&s.not_ready),
+                )
+            })
+            .collect();
+        assert_eq!(
+            summary,
+            vec![
+                ("grpc".into(), vec!["grpc".into()], vec![]),
+                (
+                    "http".into(),
+                    vec!["a".into(), "b".into()],
+                    vec!["pending".into(), "draining".into()]
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn endpoints_over_the_cap_keep_ready_instances_first() {
+        let mut members = many(MAX_ENDPOINTS_ADDRESSES + 10);
+        // The 20 last by name are not ready: 10 of them are dropped, the ready ones all stay.
+        for m in members.iter_mut().rev().take(20) {
+            m.phase = Some(Phase::Unhealthy);
+        }
+        members.reverse();
+        let view = endpoints_view(&members);
+        assert!(view.truncated);
+        let subset = &view.subsets[0];
+        assert_eq!(subset.ready.len(), MAX_ENDPOINTS_ADDRESSES + 10 - 20);
+        assert_eq!(subset.not_ready.len(), 10);
+        assert!(!endpoints_view(&members[..MAX_ENDPOINTS_ADDRESSES]).truncated);
+        // The same registry in any order gives the same view.
+        members.reverse();
+        assert_eq!(endpoints_view(&members), view);
     }
 
     fn as_existing(slices: &[DesiredSlice]) -> Vec<ExistingSlice> {

@@ -5,7 +5,10 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::{
     api::{
-        core::v1::{ObjectReference, Service, ServicePort},
+        core::v1::{
+            EndpointAddress, EndpointPort as CorePort, EndpointSubset, Endpoints, ObjectReference,
+            Service, ServicePort,
+        },
         discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
     },
     apimachinery::pkg::apis::meta::v1::OwnerReference,
@@ -15,9 +18,12 @@ use kube::{Resource, ResourceExt, api::ObjectMeta};
 use crate::{
     api::ServiceInstance,
     names::{
-        ADOPT_ANNOTATION, MANAGED_BY, MANAGED_BY_LABEL, SERVICE_NAME_LABEL, SLICE_MANAGED_BY_LABEL,
+        ADOPT_ANNOTATION, MANAGED_BY, MANAGED_BY_LABEL, OVER_CAPACITY_ANNOTATION,
+        SERVICE_NAME_LABEL, SKIP_MIRROR_LABEL, SLICE_MANAGED_BY_LABEL,
     },
-    projection::{AddressType, DesiredSlice, ExistingSlice, PortKey, SliceKey},
+    projection::{
+        AddressType, Backend, DesiredSlice, EndpointsView, ExistingSlice, PortKey, SliceKey,
+    },
 };
 
 /// A reference to an instance: an endpoint's `targetRef`, and what Events are about.
@@ -41,6 +47,16 @@ pub fn is_ours(svc: &Service) -> bool {
 pub fn has_labels(labels: &BTreeMap<String, String>, want: &[(&str, &str)]) -> bool {
     want.iter()
         .all(|(k, v)| labels.get(*k).map(String::as_str) == Some(*v))
+}
+
+/// Whether `stored` carries every label `desired` sets (others may add more).
+fn carries_labels_of<K: Resource>(stored: &K, desired: &K) -> bool {
+    let want: Vec<(&str, &str)> = desired
+        .labels()
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    has_labels(stored.labels(), &want)
 }
 
 pub fn same_ports(stored: &[ServicePort], desired: &[ServicePort]) -> bool {
@@ -157,14 +173,71 @@ pub fn slice_object(
 /// Whether a stored slice already says what `desired` says (our labels, owner, address type,
 /// ports and endpoints); fields others may add (more labels, annotations) do not count.
 pub fn same_slice(stored: &EndpointSlice, desired: &EndpointSlice) -> bool {
-    let want: Vec<(&str, &str)> = desired
-        .labels()
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
-    has_labels(stored.labels(), &want)
+    carries_labels_of(stored, desired)
         && stored.metadata.owner_references == desired.metadata.owner_references
         && stored.address_type == desired.address_type
         && stored.ports == desired.ports
         && stored.endpoints == desired.endpoints
+}
+
+/// The v1 Endpoints object of a service: labelled so the mirroring controller leaves it alone,
+/// and annotated when it lists fewer addresses than there are. No subsets is `None`, as the
+/// apiserver stores it.
+pub fn endpoints_object(
+    ns: &str,
+    service: &str,
+    view: &EndpointsView,
+    owner: &OwnerReference,
+) -> Endpoints {
+    let address = |m: &Backend| EndpointAddress {
+        ip: m.address.clone(),
+        target_ref: Some(instance_reference(ns, &m.name, &m.uid)),
+        ..EndpointAddress::default()
+    };
+    let some = |v: Vec<EndpointAddress>| (!v.is_empty()).then_some(v);
+    let subsets: Vec<EndpointSubset> = view
+        .subsets
+        .iter()
+        .map(|s| EndpointSubset {
+            addresses: some(s.ready.iter().map(address).collect()),
+            not_ready_addresses: some(s.not_ready.iter().map(address).collect()),
+            ports: Some(
+                s.ports
+                    .iter()
+                    .map(|p| CorePort {
+                        name: Some(p.name.clone()),
+                        port: p.port,
+                        protocol: Some(p.protocol.clone()),
+                        app_protocol: p.app_protocol.clone(),
+                    })
+                    .collect(),
+            ),
+        })
+        .collect();
+    Endpoints {
+        metadata: ObjectMeta {
+            name: Some(service.into()),
+            namespace: Some(ns.into()),
+            labels: Some(BTreeMap::from([
+                (SKIP_MIRROR_LABEL.into(), "true".into()),
+                (MANAGED_BY_LABEL.into(), MANAGED_BY.into()),
+            ])),
+            annotations: view
+                .truncated
+                .then(|| BTreeMap::from([(OVER_CAPACITY_ANNOTATION.into(), "truncated".into())])),
+            owner_references: Some(vec![owner.clone()]),
+            ..ObjectMeta::default()
+        },
+        subsets: (!subsets.is_empty()).then_some(subsets),
+    }
+}
+
+/// Whether a stored Endpoints object already says what `desired` says: our labels, the
+/// over-capacity mark, owner and subsets; what others add does not count.
+pub fn same_endpoints(stored: &Endpoints, desired: &Endpoints) -> bool {
+    let truncated = |e: &Endpoints| e.annotations().get(OVER_CAPACITY_ANNOTATION).cloned();
+    carries_labels_of(stored, desired)
+        && truncated(stored) == truncated(desired)
+        && stored.metadata.owner_references == desired.metadata.owner_references
+        && stored.subsets == desired.subsets
 }

@@ -8,7 +8,7 @@ use std::{
 
 use k8s_openapi::{
     api::{
-        core::v1::{ConfigMap, Service, ServicePort, ServiceSpec},
+        core::v1::{ConfigMap, Endpoints, Service, ServicePort, ServiceSpec},
         discovery::v1::EndpointSlice,
     },
     apimachinery::pkg::{apis::meta::v1::OwnerReference, util::intstr::IntOrString},
@@ -155,6 +155,49 @@ impl Projector {
         Ok(())
     }
 
+    /// Writes the service's v1 Endpoints object if it is asked for and differs; returns a
+    /// problem instead if an Endpoints object of that name exists that is not Roster's.
+    pub(super) async fn apply_endpoints(
+        &self,
+        ns: &str,
+        service: &str,
+        members: &[Backend],
+        owner: &OwnerReference,
+    ) -> Result<Option<Problem>> {
+        let Some(cache) = &self.caches.endpoints else {
+            return Ok(None);
+        };
+        let desired = endpoints_object(ns, service, &projection::endpoints_view(members), owner);
+        let stored = cache.get(&reflector::ObjectRef::new(service).within(ns));
+        if stored
+            .as_deref()
+            .is_some_and(|s| same_endpoints(s, &desired))
+        {
+            return Ok(None);
+        }
+        let json = serde_json::to_string(&desired).map_err(|source| Error::Serialize {
+            what: "an Endpoints object",
+            source,
+        })?;
+        if self.written.unchanged("Endpoints", ns, service, &json) {
+            return Ok(None);
+        }
+        let api: Api<Endpoints> = Api::namespaced(self.client.clone(), ns);
+        if stored.is_none()
+            && let Some(problem) = someone_elses(&api, ns, service, "EndpointsConflict").await?
+        {
+            return Ok(Some(problem));
+        }
+        let applied = api
+            .patch(service, &apply_params(), &Patch::Apply(&desired))
+            .await
+            .map_err(Error::kube(format!("apply Endpoints {ns}/{service}")))?;
+        self.written
+            .record("Endpoints", ns, service, applied.resource_version(), json);
+        self.metrics.projection_written("Endpoints");
+        Ok(None)
+    }
+
     /// Writes the ConfigMap if it differs; returns a problem instead if a ConfigMap of that
     /// name exists that is not Roster's.
     pub(super) async fn apply_config_map(
@@ -181,20 +224,10 @@ impl Projector {
         if self.written.unchanged("ConfigMap", ns, &name, &fingerprint) {
             return Ok(None);
         }
-        // Not in our (label-selected) cache: make sure it is not someone else's before applying.
         if stored.is_none()
-            && let Some(theirs) = api
-                .get_opt(&name)
-                .await
-                .map_err(Error::kube(format!("read ConfigMap {ns}/{name}")))?
-            && !has_labels(theirs.labels(), &[(MANAGED_BY_LABEL, MANAGED_BY)])
+            && let Some(problem) = someone_elses(&api, ns, &name, "ConfigMapConflict").await?
         {
-            return Ok(Some((
-                "ConfigMapConflict",
-                format!(
-                    "ConfigMap {name:?} exists and is not managed by Roster; it is left untouched"
-                ),
-            )));
+            return Ok(Some(problem));
         }
         let desired = ConfigMap {
             metadata: ObjectMeta {
@@ -254,6 +287,19 @@ impl Projector {
             self.written
                 .record("ConfigMap", ns, &name, None, String::new());
         }
+        if let Some(cache) = &self.caches.endpoints
+            && cache
+                .get(&reflector::ObjectRef::new(service).within(ns))
+                .is_some()
+        {
+            delete(
+                &Api::<Endpoints>::namespaced(self.client.clone(), ns),
+                service,
+            )
+            .await?;
+            self.written
+                .record("Endpoints", ns, service, None, String::new());
+        }
         if let Some(svc) = our_service {
             delete(
                 &Api::<Service>::namespaced(self.client.clone(), ns),
@@ -270,6 +316,34 @@ impl Projector {
         }
         Ok(())
     }
+}
+
+/// An object that is not in our (label-selected) cache may still exist, and be someone else's:
+/// read it before applying, and say so (with `reason`) if it is not Roster's.
+async fn someone_elses<K>(
+    api: &Api<K>,
+    ns: &str,
+    name: &str,
+    reason: &'static str,
+) -> Result<Option<Problem>>
+where
+    K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let kind = K::kind(&());
+    let theirs = api
+        .get_opt(name)
+        .await
+        .map_err(Error::kube(format!("read {kind} {ns}/{name}")))?;
+    Ok(theirs
+        .filter(|theirs| !has_labels(theirs.labels(), &[(MANAGED_BY_LABEL, MANAGED_BY)]))
+        .map(|_| {
+            (
+                reason,
+                format!(
+                    "{kind} {name:?} exists and is not managed by Roster; it is left untouched"
+                ),
+            )
+        }))
 }
 
 pub(super) fn apply_params() -> PatchParams {

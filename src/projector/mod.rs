@@ -1,5 +1,5 @@
 //! The projector: keeps, for every (namespace, service) with instances, a selectorless Service,
-//! its EndpointSlices and a ConfigMap in line with the registry.
+//! its EndpointSlices, a ConfigMap and (opt-in) a v1 Endpoints object in line with the registry.
 //!
 //! Thin by design: it reads a service's members from the [registry index](crate::registry),
 //! which wakes it per service the moment a member or its verdict changes, asks
@@ -27,7 +27,7 @@ use std::{
 
 use futures::StreamExt;
 use k8s_openapi::api::{
-    core::v1::{ConfigMap, Service},
+    core::v1::{ConfigMap, Endpoints, Service},
     discovery::v1::EndpointSlice,
 };
 use kube::{
@@ -92,6 +92,8 @@ pub struct Caches {
     pub services: Store<Service>,
     pub slices: ByService<EndpointSlice>,
     pub config_maps: Store<ConfigMap>,
+    /// Roster's Endpoints objects; `None` when they are not asked for (and not written).
+    pub endpoints: Option<Store<Endpoints>>,
 }
 
 /// Whether the projector has work in hand, for writers that yield to it (status writes wait
@@ -247,6 +249,9 @@ impl Projector {
         for cm in self.caches.config_maps.state() {
             add(cm.namespace(), cm.labels().get(SERVICE_LABEL));
         }
+        for ep in self.caches.endpoints.iter().flat_map(Store::state) {
+            add(ep.namespace(), ep.metadata.name.as_ref());
+        }
         for svc in self.caches.services.state() {
             if has_labels(svc.labels(), &[(MANAGED_BY_LABEL, MANAGED_BY)]) {
                 add(svc.namespace(), svc.metadata.name.as_ref());
@@ -304,6 +309,9 @@ impl Projector {
         };
         if let Some(owner) = &owner {
             self.apply_slices(ns, service, &endpoints, owner).await?;
+            if let Some(problem) = self.apply_endpoints(ns, service, &endpoints, owner).await? {
+                problems.push(problem);
+            }
         }
         let json = projection::config_json(service, &members);
         let too_large = json.len() > MAX_CONFIG_BYTES;

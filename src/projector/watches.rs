@@ -1,4 +1,5 @@
-//! The watches of what the projector writes: Services, EndpointSlices and ConfigMaps.
+//! The watches of what the projector writes: Services, EndpointSlices, ConfigMaps and, when
+//! asked for, v1 Endpoints.
 
 use std::sync::{
     Arc, Mutex, PoisonError,
@@ -7,7 +8,7 @@ use std::sync::{
 
 use futures::StreamExt;
 use k8s_openapi::api::{
-    core::v1::{ConfigMap, Service},
+    core::v1::{ConfigMap, Endpoints, Service},
     discovery::v1::EndpointSlice,
 };
 use kube::{
@@ -21,28 +22,25 @@ use kube::{
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use super::{Trigger, Written};
+use super::{Caches, Trigger, Written};
 use crate::cache::Grouping;
 use crate::names::{
-    ADOPT_ANNOTATION, MANAGED_BY, MANAGED_BY_LABEL, SERVICE_LABEL, SERVICE_NAME_LABEL,
-    SLICE_MANAGED_BY_LABEL,
+    ADOPT_ANNOTATION, MANAGED_BY, MANAGED_BY_LABEL, OVER_CAPACITY_ANNOTATION, SERVICE_LABEL,
+    SERVICE_NAME_LABEL, SKIP_MIRROR_LABEL, SLICE_MANAGED_BY_LABEL,
 };
 
-/// Starts the watches of Services, EndpointSlices and ConfigMaps (the instance watch belongs to
-/// the controller) and returns their caches and a flag that is set once all three are synced.
+/// Starts the watches of Services, EndpointSlices, ConfigMaps and (with `endpoints`) Roster's
+/// Endpoints objects (the instance watch belongs to the controller), and returns their caches
+/// and a flag that is set once all of them are synced.
 pub fn watch_children(
     client: &Client,
     namespace: Option<&str>,
+    endpoints: bool,
     trigger: &Trigger,
     written: &Arc<Written>,
     shutdown: &CancellationToken,
-) -> (
-    Store<Service>,
-    ByService<EndpointSlice>,
-    Store<ConfigMap>,
-    Arc<Synced>,
-) {
-    let synced = Arc::new(Synced::default());
+) -> (Caches, Arc<Synced>) {
+    let synced = Arc::new(Synced::new(3 + usize::from(endpoints)));
     let watch = |config| WatchContext {
         config,
         trigger: trigger.clone(),
@@ -65,7 +63,23 @@ pub fn watch_children(
         watch(watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}"))),
         |cm| cm.labels().get(SERVICE_LABEL).cloned(),
     );
-    (services.store, slices, config_maps.store, synced)
+    let endpoints = endpoints.then(|| {
+        spawn_watch::<Endpoints>(
+            api(client, namespace),
+            watch(watcher::Config::default().labels(&format!(
+                "{MANAGED_BY_LABEL}={MANAGED_BY},{SKIP_MIRROR_LABEL}=true"
+            ))),
+            |ep| Some(ep.name_any()),
+        )
+        .store
+    });
+    let caches = Caches {
+        services: services.store,
+        slices,
+        config_maps: config_maps.store,
+        endpoints,
+    };
+    (caches, synced)
 }
 
 /// A watch cache with its objects grouped by the service they belong to, so one service's
@@ -87,15 +101,23 @@ impl<K: Resource<DynamicType = ()> + Clone + 'static> ByService<K> {
 }
 
 /// Counts synced watches; the projector starts once all of them are.
-#[derive(Default)]
 pub struct Synced {
+    children: usize,
     count: AtomicUsize,
     instances: AtomicBool,
     notify: Notify,
 }
 
 impl Synced {
-    const CHILD_WATCHES: usize = 3;
+    /// Waits for the instance watch and this many watches of the projector's objects.
+    pub fn new(children: usize) -> Synced {
+        Synced {
+            children,
+            count: AtomicUsize::new(0),
+            instances: AtomicBool::new(false),
+            notify: Notify::new(),
+        }
+    }
 
     pub(super) fn child_synced(&self) {
         self.count.fetch_add(1, Ordering::Relaxed);
@@ -110,7 +132,7 @@ impl Synced {
 
     pub(super) fn all(&self) -> bool {
         self.instances.load(Ordering::Relaxed)
-            && self.count.load(Ordering::Relaxed) >= Self::CHILD_WATCHES
+            && self.count.load(Ordering::Relaxed) >= self.children
     }
 
     pub(super) async fn wait(&self) {
@@ -160,11 +182,17 @@ where
     let kind: &'static str = match K::kind(&()).as_ref() {
         "Service" => "Service",
         "EndpointSlice" => "EndpointSlice",
+        "Endpoints" => "Endpoints",
         _ => "ConfigMap",
     };
     let stream = watcher(api, cx.config)
         .default_backoff()
-        .modify(|obj| crate::cache::prune(obj.meta_mut(), &[ADOPT_ANNOTATION]))
+        .modify(|obj| {
+            crate::cache::prune(
+                obj.meta_mut(),
+                &[ADOPT_ANNOTATION, OVER_CAPACITY_ANNOTATION],
+            )
+        })
         .reflect(writer);
     let groups = Arc::new(Mutex::new(Grouping::default()));
     let cache = ByService {

@@ -6,7 +6,7 @@ use std::{collections::BTreeMap, time::Duration};
 
 use futures::StreamExt;
 use k8s_openapi::api::{
-    core::v1::{ConfigMap, Service},
+    core::v1::{ConfigMap, Endpoints, Service},
     discovery::v1::EndpointSlice,
 };
 use kube::{
@@ -380,11 +380,18 @@ async fn two_hundred_fifty_instances_make_three_slices_and_one_change_writes_one
 }
 
 async fn slice_writes(addr: &str) -> f64 {
+    projection_writes(addr, "EndpointSlice").await
+}
+
+/// `roster_projection_writes_total` of one kind; a kind that was never written is missing from
+/// the metrics, and that fails the test.
+async fn projection_writes(addr: &str, kind: &str) -> f64 {
     let (_, body) = http_get(addr, "/metrics").await;
+    let prefix = format!("roster_projection_writes_total{{kind=\"{kind}\"}} ");
     body.lines()
-        .find_map(|l| l.strip_prefix(r#"roster_projection_writes_total{kind="EndpointSlice"} "#))
+        .find_map(|l| l.strip_prefix(&prefix))
         .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0.0)
+        .unwrap_or_else(|| panic!("no {prefix}in the metrics:\n{body}"))
 }
 
 #[tokio::test]
@@ -716,4 +723,186 @@ async fn routing_does_not_wait_for_the_status_write() {
         .delete(&name, &DeleteParams::default())
         .await
         .expect("delete policy");
+}
+
+/// (ready, not ready) addresses of an Endpoints object, each sorted.
+fn endpoints_addresses(e: &Endpoints) -> (Vec<String>, Vec<String>) {
+    let mut ready = Vec::new();
+    let mut not_ready = Vec::new();
+    for subset in e.subsets.iter().flatten() {
+        ready.extend(subset.addresses.iter().flatten().map(|a| a.ip.clone()));
+        not_ready.extend(
+            subset
+                .not_ready_addresses
+                .iter()
+                .flatten()
+                .map(|a| a.ip.clone()),
+        );
+    }
+    ready.sort();
+    not_ready.sort();
+    (ready, not_ready)
+}
+
+#[tokio::test]
+async fn opt_in_endpoints_follow_the_registry_are_never_mirrored_and_leave_a_users_alone() {
+    let client = harness::client().await;
+    let ns = TestNamespace::new(&client, "endpoints").await;
+    let api: Api<ServiceInstance> = Api::namespaced(client.clone(), &ns.name);
+    let eps: Api<Endpoints> = Api::namespaced(client.clone(), &ns.name);
+    // A user's own Endpoints object for a service that then gets instances stays theirs.
+    let theirs: Endpoints = serde_json::from_value(json!({
+        "metadata": {"name": "theirs"},
+        "subsets": [{"addresses": [{"ip": "10.5.9.9"}], "ports": [{"name": "http", "port": 8080}]}],
+    }))
+    .expect("endpoints");
+    let theirs = eps
+        .create(&PostParams::default(), &theirs)
+        .await
+        .expect("create Endpoints");
+    let controller =
+        ControllerProcess::start_with(&harness::kubeconfig().await, &ns.name, &["--endpoints"]);
+    let addr = controller.http_addr(TIMEOUT).await;
+
+    let mut pending = instance("old", "old-pending", "10.5.0.3");
+    pending.metadata.annotations = None;
+    for si in [
+        instance("old", "old-a", "10.5.0.1"),
+        instance("old", "old-b", "10.5.0.2"),
+        pending,
+        instance("old", "old-by-name", "old.example.com"),
+        instance("theirs", "t0", "10.5.1.1"),
+    ] {
+        api.create(&PostParams::default(), &si)
+            .await
+            .expect("create");
+    }
+    let old = wait_for(
+        &eps,
+        "old",
+        "two ready addresses and one not ready",
+        TIMEOUT,
+        |e: Option<&Endpoints>| {
+            e.is_some_and(|e| {
+                endpoints_addresses(e)
+                    == (
+                        vec!["10.5.0.1".into(), "10.5.0.2".into()],
+                        vec!["10.5.0.3".into()],
+                    )
+            })
+        },
+    )
+    .await;
+    let labels = old.metadata.labels.clone().unwrap_or_default();
+    assert_eq!(
+        labels
+            .get("endpointslice.kubernetes.io/skip-mirror")
+            .map(String::as_str),
+        Some("true")
+    );
+    assert!(
+        !old.metadata
+            .annotations
+            .unwrap_or_default()
+            .contains_key("endpoints.kubernetes.io/over-capacity")
+    );
+    // The name-addressed instance is in the slices (FQDN) but cannot be an Endpoints address.
+    await_slices(&client, &ns.name, "old", "the FQDN endpoint", |s| {
+        endpoint(s, "old-by-name") == Some((true, true, false))
+    })
+    .await;
+    await_projected(&api, "t0", "EndpointsConflict").await;
+    assert_eq!(
+        eps.get("theirs").await.expect("theirs").subsets,
+        theirs.subsets,
+        "a user's Endpoints object was changed"
+    );
+
+    // For five seconds nothing mirrors Roster's Endpoints into a slice, and Roster does not
+    // rewrite it: unchanged instances write nothing.
+    let version = old.metadata.resource_version.clone();
+    let slices = watcher(
+        Api::<EndpointSlice>::namespaced(client.clone(), &ns.name),
+        watcher::Config::default().labels("kubernetes.io/service-name=old"),
+    );
+    let endpoints = watcher(
+        eps.clone(),
+        watcher::Config::default().fields("metadata.name=old"),
+    );
+    let slice_problems = slices.map(|event| match event {
+        Ok(watcher::Event::Apply(s)) => Some(format!("a slice was written: {s:#?}")),
+        Ok(watcher::Event::InitApply(s))
+            if s.metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get("endpointslice.kubernetes.io/managed-by"))
+                .is_some_and(|m| m.starts_with("endpointslicemirroring")) =>
+        {
+            Some(format!("the Endpoints object was mirrored: {s:#?}"))
+        }
+        Ok(_) => None,
+        Err(e) => Some(format!("the slice watch failed: {e}")),
+    });
+    let endpoints_problems = endpoints.map(|event| match event {
+        Ok(watcher::Event::Apply(e) | watcher::Event::InitApply(e))
+            if e.metadata.resource_version != version =>
+        {
+            Some(format!("the Endpoints object was rewritten: {e:#?}"))
+        }
+        Ok(_) => None,
+        Err(e) => Some(format!("the Endpoints watch failed: {e}")),
+    });
+    let fight = async {
+        let problems = futures::stream::select(slice_problems, endpoints_problems)
+            .filter_map(futures::future::ready);
+        std::pin::pin!(problems)
+            .next()
+            .await
+            .unwrap_or_else(|| "the watches ended".to_string())
+    };
+    if let Ok(problem) = tokio::time::timeout(Duration::from_secs(5), fight).await {
+        panic!("{problem}");
+    }
+
+    // A change the Endpoints object does not show (the ConfigMap does) writes no Endpoints.
+    let writes = projection_writes(&addr, "Endpoints").await;
+    api.patch(
+        "old-a",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"metadata": {"version": "2"}}})),
+    )
+    .await
+    .expect("patch old-a");
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns.name);
+    wait_for(
+        &cms,
+        "old-roster",
+        "version 2",
+        TIMEOUT,
+        |cm: Option<&ConfigMap>| {
+            cm.is_some_and(|cm| config_json(cm).to_string().contains(r#""version":"2""#))
+        },
+    )
+    .await;
+    assert_eq!(projection_writes(&addr, "Endpoints").await, writes);
+
+    // A change rewrites it; the last instance gone, it goes too.
+    api.delete("old-a", &DeleteParams::default())
+        .await
+        .expect("delete old-a");
+    wait_for(
+        &eps,
+        "old",
+        "old-a gone",
+        TIMEOUT,
+        |e: Option<&Endpoints>| e.is_some_and(|e| endpoints_addresses(e).0 == ["10.5.0.2"]),
+    )
+    .await;
+    let uid = old.metadata.uid.clone().unwrap_or_default();
+    for name in ["old-b", "old-pending", "old-by-name"] {
+        api.delete(name, &DeleteParams::default())
+            .await
+            .expect("delete");
+    }
+    wait_deleted(&eps, "old", &uid, TIMEOUT).await;
 }

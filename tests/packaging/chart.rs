@@ -171,7 +171,7 @@ async fn the_chart_lints_refuses_bad_values_and_renders_what_the_apiserver_accep
             dry_run(&client, &discovery, doc).await;
         }
         assert_restricted(&docs);
-        assert_exact_rules(&docs);
+        assert_exact_rules(&docs, &[]);
         admitted_as_restricted(&client, &docs).await;
         let cluster_wide = extra.is_empty();
         assert_eq!(find(&docs, "ClusterRole").len(), usize::from(cluster_wide));
@@ -180,6 +180,24 @@ async fn the_chart_lints_refuses_bad_values_and_renders_what_the_apiserver_accep
             usize::from(cluster_wide)
         );
     }
+    // Endpoints are opt-in, and so is the power to write them.
+    let docs = documents(&helm.ok(&[
+        "template",
+        "roster",
+        CHART,
+        "--set",
+        "registry.endpoints=true",
+    ]));
+    assert_exact_rules(
+        &docs,
+        &[("/endpoints", "get list watch create patch delete")],
+    );
+    let args = &find(&docs, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]["args"];
+    assert!(
+        args.as_array()
+            .is_some_and(|a| a.iter().any(|a| a == "--endpoints")),
+        "{args}"
+    );
     // The optional ServiceMonitor scrapes the metrics Service's port. (Its CRD belongs to the
     // Prometheus Operator, which this control plane does not run: checked by shape.)
     let docs = documents(&helm.ok(&[
@@ -220,7 +238,7 @@ async fn the_chart_lints_refuses_bad_values_and_renders_what_the_apiserver_accep
 
 /// The rules are exactly the accesses docs/install.md lists: a rule added to the chart without
 /// a reason fails here, as one the controller needs and lacks fails the core scenario.
-fn assert_exact_rules(docs: &[Value]) {
+fn assert_exact_rules(docs: &[Value], opted_in: &[(&str, &str)]) {
     let role = docs
         .iter()
         .find(|d| {
@@ -260,6 +278,7 @@ fn assert_exact_rules(docs: &[Value]) {
         ("events.k8s.io/events", "create patch"),
     ]
     .iter()
+    .chain(opted_in)
     .flat_map(|(r, verbs)| verbs.split(' ').map(move |v| format!("{r} {v}")))
     .collect();
     assert_eq!(granted, expected);

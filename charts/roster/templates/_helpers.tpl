@@ -77,6 +77,13 @@ each one is used). The same rules go into a ClusterRole, or into a Role in watch
 - apiGroups: [""]
   resources: [configmaps]
   verbs: [get, list, watch, create, patch, delete]
+{{- if .Values.registry.endpoints }}
+# Opt-in v1 Endpoints per service (registry.endpoints). Writing Endpoints is a power Kubernetes
+# keeps from ordinary users (it can route a Service anywhere), so it is granted only when asked.
+- apiGroups: [""]
+  resources: [endpoints]
+  verbs: [get, list, watch, create, patch, delete]
+{{- end }}
 # Events on instances and Services (a repeated Event is patched into a series).
 - apiGroups: [events.k8s.io]
   resources: [events]
