@@ -26,6 +26,7 @@ pub struct Metrics {
     failures: Family<ErrorLabels, Counter>,
     reconcile_duration: Histogram,
     heartbeats: Counter,
+    undelivered: Counter,
     status_writes: Counter,
     transitions: Family<PhaseLabels, Counter>,
     expirations: Counter,
@@ -84,6 +85,13 @@ impl Default for Metrics {
             reconcile_duration.clone(),
         );
         let heartbeats = Counter::default();
+        let undelivered = Counter::default();
+        registry.register(
+            "heartbeats_not_yet_delivered",
+            "Silences not believed because a fresh read showed a heartbeat the watch had not \
+             delivered yet (a lagging watch)",
+            undelivered.clone(),
+        );
         let status_writes = Counter::default();
         let transitions = Family::<PhaseLabels, Counter>::default();
         let expirations = Counter::default();
@@ -169,6 +177,7 @@ impl Default for Metrics {
             failures,
             reconcile_duration,
             heartbeats,
+            undelivered,
             status_writes,
             transitions,
             expirations,
@@ -196,6 +205,10 @@ impl Metrics {
 
     pub fn heartbeat_observed(&self) {
         self.heartbeats.inc();
+    }
+
+    pub fn heartbeat_not_yet_delivered(&self) {
+        self.undelivered.inc();
     }
 
     pub fn status_written(&self) {

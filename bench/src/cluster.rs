@@ -277,26 +277,44 @@ impl Controller {
         })
     }
 
-    fn logged(&self, needle: &str) -> bool {
-        std::fs::read_to_string(&self.log).is_ok_and(|l| l.contains(needle))
+    /// How many lines of its log so far contain `needle`.
+    pub fn count_logged(&self, needle: &str) -> usize {
+        std::fs::read_to_string(&self.log).map_or(0, |l| l.matches(needle).count())
     }
 
-    /// Waits until it leads with synced caches; returns how long after its start that was.
-    pub async fn await_leading(&self, timeout: Duration) -> Result<Duration> {
+    /// Waits until its log holds every one of `needles`; returns how long after its start.
+    async fn await_logged(
+        &self,
+        needles: &[&str],
+        what: &str,
+        timeout: Duration,
+    ) -> Result<Duration> {
         let deadline = Instant::now() + timeout;
         let mut tick = tokio::time::interval(Duration::from_millis(20));
         loop {
             tick.tick().await;
-            if self.logged("cache synced; ready") {
+            if needles.iter().all(|n| self.count_logged(n) > 0) {
                 return Ok(self.started.elapsed());
             }
             if Instant::now() > deadline {
                 bail!(
-                    "the controller did not lead within {timeout:?}; its log: {}",
+                    "the controller did not {what} within {timeout:?}; its log: {}",
                     self.log.display()
                 );
             }
         }
+    }
+
+    /// Waits until it leads with synced caches; returns how long after its start that was.
+    pub async fn await_leading(&self, timeout: Duration) -> Result<Duration> {
+        self.await_logged(&["cache synced; ready", "became leader"], "lead", timeout)
+            .await
+    }
+
+    /// Waits until it stands by with synced caches (a warm standby).
+    pub async fn await_standing_by(&self, timeout: Duration) -> Result<Duration> {
+        self.await_logged(&["cache synced; ready", "standing by"], "stand by", timeout)
+            .await
     }
 
     pub async fn kill(&mut self) {

@@ -100,40 +100,58 @@ impl Decoder {
     }
 }
 
-/// Publishes a Warning Event on each instance that cannot be decoded.
+/// Publishes a Warning Event on each instance that cannot be decoded. Only a leader writes
+/// Events: a standby keeps what it found (the latest report per object) and publishes it when
+/// it leads.
 pub(super) async fn report_undecodable(
     mut reports: futures::channel::mpsc::UnboundedReceiver<(ObjectReference, String)>,
     recorder: Recorder,
-    term: CancellationToken,
+    views: std::sync::Arc<super::views::Views>,
+    shutdown: CancellationToken,
 ) {
+    let mut leading = views.term.subscribe();
+    let mut waiting: HashMap<Option<String>, (ObjectReference, String)> = HashMap::new();
     loop {
-        let (reference, message) = tokio::select! {
-            () = term.cancelled() => return,
+        tokio::select! {
+            () = shutdown.cancelled() => return,
             report = reports.next() => match report {
-                Some(report) => report,
+                Some((reference, message)) => {
+                    waiting.insert(reference.uid.clone(), (reference, message));
+                }
                 None => return,
             },
-        };
-        let mut note = format!(
-            "Roster cannot read this ServiceInstance (stored before a schema change?) and skips \
-             it until it is fixed or deleted: {message}"
-        );
-        if note.len() > 1000 {
-            let mut end = 1000;
-            while !note.is_char_boundary(end) {
-                end -= 1;
-            }
-            note.truncate(end);
+            changed = leading.changed() => if changed.is_err() { return },
         }
-        let event = Event {
-            type_: EventType::Warning,
-            reason: "Undecodable".into(),
-            note: Some(note),
-            action: "Decode".into(),
-            secondary: None,
-        };
-        if let Err(e) = recorder.publish(&event, &reference).await {
-            tracing::warn!(error = %e, "cannot publish Event");
+        if leading.borrow_and_update().is_none() {
+            continue;
+        }
+        for (_, (reference, message)) in waiting.drain() {
+            let event = Event {
+                type_: EventType::Warning,
+                reason: "Undecodable".into(),
+                note: Some(undecodable_note(&message)),
+                action: "Decode".into(),
+                secondary: None,
+            };
+            if let Err(e) = recorder.publish(&event, &reference).await {
+                tracing::warn!(error = %e, "cannot publish Event");
+            }
         }
     }
+}
+
+/// The Event's note, within the 1 kB an Event note may hold.
+fn undecodable_note(message: &str) -> String {
+    let mut note = format!(
+        "Roster cannot read this ServiceInstance (stored before a schema change?) and skips \
+         it until it is fixed or deleted: {message}"
+    );
+    if note.len() > 1000 {
+        let mut end = 1000;
+        while !note.is_char_boundary(end) {
+            end -= 1;
+        }
+        note.truncate(end);
+    }
+    note
 }

@@ -68,19 +68,19 @@ pub(super) fn publish(ctx: &Context, si: &ServiceInstance, event: Event) {
 }
 
 /// Announces changes of protection: a log line, the metrics, an Event on the Service (on the
-/// election Lease for all instances), and a reconcile of every silent instance of the scope,
-/// so that their status and the projection follow at once.
+/// election Lease for all instances; only the leader writes Events), and a reconcile of every
+/// silent instance of the scope, so that their status and the projection follow at once.
 pub(super) async fn announce(
     mut changes: futures::channel::mpsc::UnboundedReceiver<Vec<protection::Change>>,
     views: Arc<Views>,
     recorder: Recorder,
     metrics: Arc<Metrics>,
     requeue: futures::channel::mpsc::UnboundedSender<ObjectRef<ServiceInstance>>,
-    term: CancellationToken,
+    shutdown: CancellationToken,
 ) {
     loop {
         let batch = tokio::select! {
-            () = term.cancelled() => return,
+            () = shutdown.cancelled() => return,
             batch = changes.next() => match batch {
                 Some(batch) => batch,
                 None => return,
@@ -154,7 +154,9 @@ pub(super) async fn announce(
                 action: "Protect".into(),
                 secondary: None,
             };
-            if let Err(e) = recorder.publish(&event, &reference).await {
+            if views.term().is_some()
+                && let Err(e) = recorder.publish(&event, &reference).await
+            {
                 tracing::warn!(%scope, reason, error = %e, "cannot publish Event");
             }
             for (namespace, name) in change.affected {

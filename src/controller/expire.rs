@@ -2,7 +2,6 @@
 
 use std::time::Duration;
 
-use k8s_openapi::api::coordination::v1::Lease;
 use kube::{
     Api, ResourceExt,
     api::{DeleteParams, Preconditions},
@@ -12,31 +11,25 @@ use kube::{
     },
 };
 
-use super::{events::publish, reconcile::Context, views::renewal};
+use super::{events::publish, reconcile::Context, term::Term};
 use crate::{Error, Result, api::ServiceInstance, liveness::Timing};
 
 /// Deletes an instance after `deleteAfterSeconds` of observed silence. It loses every race
-/// with a heartbeat: an annotation heartbeat changes the instance's resourceVersion, so the
-/// delete's preconditions refuse it; a Lease renewal does not, so the Lease is read afresh
-/// first and a renewal the cache has not delivered yet cancels the deletion.
+/// with a heartbeat: the reconcile has just read the heartbeat signals afresh (a heartbeat the
+/// cache has not delivered yet cancels the verdict), and an annotation heartbeat since changes
+/// the instance's resourceVersion, so the delete's preconditions refuse it.
 pub(super) async fn expire(
     si: &ServiceInstance,
     timing: Timing,
     namespace: &str,
     uid: &str,
-    cached_renewal: Option<String>,
+    term: &Term,
     ctx: &Context,
 ) -> Result<Action> {
     let name = si.name_any();
-    if let Some(lease) = &si.spec.lease_name {
-        let leases: Api<Lease> = Api::namespaced(ctx.client.clone(), namespace);
-        let fresh = leases.get_opt(lease).await.map_err(Error::kube(format!(
-            "read Lease {namespace}/{lease} before expiring {name}"
-        )))?;
-        if fresh.as_ref().and_then(renewal) != cached_renewal {
-            // Renewed after what we saw: the Lease watch will bring it as a heartbeat.
-            return Ok(Action::requeue(Duration::from_millis(200)));
-        }
+    if term.token.is_cancelled() {
+        // The term ended while this looked: the next leader decides.
+        return Ok(Action::await_change());
     }
     let api: Api<ServiceInstance> = Api::namespaced(ctx.client.clone(), namespace);
     let params = DeleteParams {

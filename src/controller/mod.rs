@@ -7,6 +7,7 @@ mod expire;
 mod reconcile;
 mod settings;
 mod status_writer;
+mod term;
 mod views;
 
 pub use settings::Settings;
@@ -49,7 +50,7 @@ use crate::{
 use decode::{Decoder, report_undecodable};
 use events::announce;
 use reconcile::{Context, error_policy, reconcile};
-use status_writer::StatusWriter;
+use term::Term;
 use views::Views;
 
 /// The longest a graceful shutdown waits for in-flight work.
@@ -84,9 +85,10 @@ pub(super) fn instances(client: Client, namespace: Option<&str>) -> Api<ServiceI
     }
 }
 
-/// Runs the controller and its HTTP endpoints until `shutdown` is cancelled: stands for
-/// election, and leads while it holds the Lease. Every term starts from nothing (fresh caches,
-/// fresh observations), which is what gives every instance a full TTL after a leader change.
+/// Runs the controller and its HTTP endpoints until `shutdown` is cancelled. Every replica
+/// watches, keeps the registry index and judges heartbeats on its own clock from the moment it
+/// starts (a warm standby); it writes (status, deletions, projection, probes, Events) only
+/// while it holds the Lease. A new leader therefore serves at once, without a relist.
 pub async fn run(settings: &Settings, shutdown: CancellationToken) -> Result<()> {
     let election = settings.election()?;
     settings.defaults()?;
@@ -113,6 +115,7 @@ pub async fn run(settings: &Settings, shutdown: CancellationToken) -> Result<()>
         elector: elector.clone(),
         shutdown: shutdown.clone(),
     };
+    let watching = watch(settings, &process)?;
     let result = loop {
         // A standby that reaches the apiserver is ready: it is healthy and waiting its turn.
         let ready = health.ready.clone();
@@ -133,22 +136,20 @@ pub async fn run(settings: &Settings, shutdown: CancellationToken) -> Result<()>
                 end
             })
         };
-        let led = lead(settings, &process, &term).await;
+        lead(settings, &process, &watching, &term).await;
         term.cancel();
         let end = hold.await.unwrap_or(TermEnd::Lost);
         metrics.set_leader(false);
-        if let Err(e) = led {
-            break Err(e);
-        }
         if shutdown.is_cancelled() {
             elector.release().await;
             break Ok(());
         }
         if end == TermEnd::Lost {
-            tracing::warn!("lost leadership: stopped writing; standing for election again");
+            tracing::warn!("lost leadership: stopped writing; standing by, still watching");
         }
     };
     shutdown.cancel();
+    watching.reconciles_stopped.cancelled().await;
     match serve.await {
         Ok(served) => served?,
         Err(e) => tracing::warn!(error = %e, "HTTP server task"),
@@ -167,13 +168,27 @@ pub(super) struct Process {
     pub(super) shutdown: CancellationToken,
 }
 
-/// One term as leader: watches, reconciles, projects and probes until `term` is cancelled (by
-/// shutdown or by the loss of the Lease).
-pub(super) async fn lead(
-    settings: &Settings,
-    process: &Process,
-    term: &CancellationToken,
-) -> Result<()> {
+/// What every replica keeps, leader or not: the watches, their caches, the registry index and
+/// the reconcile loop that judges.
+pub(super) struct Watching {
+    views: Arc<Views>,
+    instances: reflector::Store<ServiceInstance>,
+    caches: projector::Caches,
+    synced: Arc<projector::Synced>,
+    written: Arc<projector::Written>,
+    projection: projector::Trigger,
+    projection_keys: projector::Keys,
+    recorder: Recorder,
+    /// Reconciles every instance: after a relist, and when a term starts.
+    reconcile_all: futures::channel::mpsc::UnboundedSender<()>,
+    /// Where health checks report verdict changes.
+    requeue: futures::channel::mpsc::UnboundedSender<reflector::ObjectRef<ServiceInstance>>,
+    /// Cancelled once the reconcile loop has stopped (on shutdown, after in-flight reconciles).
+    reconciles_stopped: CancellationToken,
+}
+
+/// Starts the watches and the reconcile loop; they run until shutdown.
+pub(super) fn watch(settings: &Settings, process: &Process) -> Result<Watching> {
     let Process {
         client,
         url,
@@ -185,7 +200,6 @@ pub(super) async fn lead(
     let client = client.clone();
     let (projection, projection_keys) = projector::trigger();
     let registry = Arc::new(Registry::new(projection.clone()));
-    let status_writer = Arc::new(StatusWriter::default());
     // Verdict changes of health checks, and changes of protection, reconcile their instances.
     let (requeue_tx, requeue_rx) = futures::channel::mpsc::unbounded();
     let (announce_tx, announce_rx) = futures::channel::mpsc::unbounded();
@@ -197,15 +211,8 @@ pub(super) async fn lead(
         lease_watch_broken: AtomicBool::new(false),
         lease_index: Mutex::default(),
         observations: Mutex::default(),
-        written: Mutex::default(),
         registry: registry.clone(),
-        status_writer: status_writer.clone(),
-        prober: prober::spawn(
-            settings.probe_concurrency,
-            requeue_tx.clone(),
-            metrics.clone(),
-            term.clone(),
-        ),
+        term: tokio::sync::watch::Sender::new(None),
         elector: elector.clone(),
         guard: Mutex::new(protection::Guard::new(settings.protection())),
         announce: announce_tx,
@@ -217,7 +224,7 @@ pub(super) async fn lead(
         settings.endpoints,
         &projection,
         &written,
-        term,
+        shutdown,
     );
 
     // Leases: renewals are heartbeats of the instances that name them.
@@ -254,6 +261,7 @@ pub(super) async fn lead(
     let instance_views = views.clone();
     let instances_synced = synced.clone();
     let (relist_tx, relist_rx) = futures::channel::mpsc::unbounded::<()>();
+    let relisted = relist_tx.clone();
     // No generation predicate: annotation heartbeats do not bump the generation. Objects are
     // watched raw and decoded one by one, so one that cannot be decoded is skipped instead of
     // failing every list (and stalling the watch).
@@ -292,7 +300,7 @@ pub(super) async fn lead(
                             // After a relist the cache was swapped in whole: reconcile everything,
                             // so instances that appeared during the relist are judged too.
                             // (The registry index has already projected what the relist changed.)
-                            let _ = relist_tx.unbounded_send(());
+                            let _ = relisted.unbounded_send(());
                         }
                     }
                 }
@@ -302,7 +310,7 @@ pub(super) async fn lead(
         .touched_objects();
 
     let mapper_views = views.clone();
-    let controller = Controller::for_stream(events, reader)
+    let controller = Controller::for_stream(events, reader.clone())
         .reconcile_all_on(relist_rx)
         .reconcile_on(requeue_rx)
         .watches_stream(lease_events, move |lease: Lease| {
@@ -318,64 +326,30 @@ pub(super) async fn lead(
             .or_else(|| std::env::var("HOSTNAME").ok()),
     };
     let recorder = Recorder::new(client.clone(), reporter);
-    let projector = Arc::new(projector::Projector {
-        client: client.clone(),
-        caches,
-        registry: registry.clone(),
-        metrics: metrics.clone(),
-        recorder: recorder.clone(),
-        options: projector::Options {
-            window: Duration::from_millis(settings.projection_window_ms),
-            concurrency: usize::from(settings.projection_concurrency),
-            headless: settings.headless_services,
-        },
-        synced,
-        written,
-        state: projector::State::default(),
-    });
-    // The status writer outlives the term by a drain on a graceful shutdown, but stops the
-    // moment a term is lost: another leader may be writing.
-    let writer_stop = CancellationToken::new();
-    let writer = tokio::spawn(status_writer.clone().run(
-        client.clone(),
-        metrics.clone(),
-        projector.busy(),
-        registry.clone(),
-        writer_stop.clone(),
-    ));
-    {
-        let (term, shutdown, stop) = (term.clone(), shutdown.clone(), writer_stop.clone());
-        tokio::spawn(async move {
-            term.cancelled().await;
-            if !shutdown.is_cancelled() {
-                stop.cancel();
-            }
-        });
-    }
-    tokio::spawn(projector.run(projection_keys, projection, term.clone()));
     tokio::spawn(report_undecodable(
         undecodable_rx,
         recorder.clone(),
-        term.clone(),
+        views.clone(),
+        shutdown.clone(),
     ));
     tokio::spawn(announce(
         announce_rx,
         views.clone(),
         recorder.clone(),
         metrics.clone(),
-        requeue_tx,
-        term.clone(),
+        requeue_tx.clone(),
+        shutdown.clone(),
     ));
     let ctx = Arc::new(Context {
-        recorder,
+        recorder: recorder.clone(),
         client,
         metrics: metrics.clone(),
         leases: lease_reader,
-        views,
+        views: views.clone(),
         defaults: settings.defaults()?,
     });
     let run = controller
-        .graceful_shutdown_on(term.clone().cancelled_owned())
+        .graceful_shutdown_on(shutdown.clone().cancelled_owned())
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
             if let Err(e) = result {
@@ -384,28 +358,116 @@ pub(super) async fn lead(
         });
     // A shutdown finishes in-flight reconciles, but never waits longer than this: one that
     // arrives before the first sync would otherwise wait for a sync that the stopped watch can
-    // no longer deliver. A lost term stops at once: another leader may be about to start.
-    let deadline = async {
-        term.cancelled().await;
-        if shutdown.is_cancelled() {
+    // no longer deliver.
+    let deadline = {
+        let shutdown = shutdown.clone();
+        async move {
+            shutdown.cancelled().await;
             tokio::time::sleep(SHUTDOWN_GRACE).await;
         }
     };
-    tokio::select! {
-        () = run => {}
-        () = deadline => tracing::warn!("stopping in-flight reconciles now"),
+    let reconciles_stopped = CancellationToken::new();
+    {
+        let stopped = reconciles_stopped.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = run => {}
+                () = deadline => tracing::warn!("stopping in-flight reconciles now"),
+            }
+            stopped.cancel();
+        });
     }
-    term.cancel();
-    // Still holding the Lease on a graceful shutdown: what the judge decided is written before
-    // it is handed over, so the next leader starts from it.
-    if shutdown.is_cancelled()
-        && tokio::time::timeout(SHUTDOWN_GRACE, status_writer.drained())
+    Ok(Watching {
+        views,
+        instances: reader,
+        caches,
+        synced,
+        written,
+        projection,
+        projection_keys,
+        recorder,
+        reconcile_all: relist_tx,
+        requeue: requeue_tx,
+        reconciles_stopped,
+    })
+}
+
+/// One term as leader: starts the writers (status, projection, probes), has every instance
+/// decided again against what is stored, and writes until `term` is cancelled (by shutdown or
+/// by the loss of the Lease).
+pub(super) async fn lead(
+    settings: &Settings,
+    process: &Process,
+    watching: &Watching,
+    term: &CancellationToken,
+) {
+    let Process {
+        client,
+        metrics,
+        shutdown,
+        ..
+    } = process;
+    let views = &watching.views;
+    let current = Arc::new(Term::new(
+        term.clone(),
+        prober::spawn(
+            settings.probe_concurrency,
+            watching.requeue.clone(),
+            metrics.clone(),
+            term.clone(),
+        ),
+    ));
+    views.term.send_replace(Some(current.clone()));
+    for si in watching.instances.state() {
+        current.prober.watch(&si);
+    }
+    let projector = Arc::new(projector::Projector {
+        client: client.clone(),
+        caches: watching.caches.clone(),
+        registry: views.registry.clone(),
+        metrics: metrics.clone(),
+        recorder: watching.recorder.clone(),
+        options: projector::Options {
+            window: Duration::from_millis(settings.projection_window_ms),
+            concurrency: usize::from(settings.projection_concurrency),
+            headless: settings.headless_services,
+        },
+        synced: watching.synced.clone(),
+        written: watching.written.clone(),
+        state: projector::State::default(),
+    });
+    // The status writer outlives the term by a drain on a graceful shutdown, but stops the
+    // moment a term is lost: another leader may be writing.
+    let writer_stop = CancellationToken::new();
+    let writer = tokio::spawn(current.writer.clone().run(
+        client.clone(),
+        metrics.clone(),
+        projector.busy(),
+        views.registry.clone(),
+        writer_stop.clone(),
+    ));
+    tokio::spawn(projector.run(
+        watching.projection_keys.clone(),
+        watching.projection.clone(),
+        term.clone(),
+    ));
+    // Every instance is decided again: what the index holds is this replica's own judgement,
+    // and what is stored is what the last leader wrote.
+    let _ = watching.reconcile_all.unbounded_send(());
+    term.cancelled().await;
+    if shutdown.is_cancelled() {
+        // Still holding the Lease: in-flight reconciles finish, and what the judge decided is
+        // written before the Lease is handed over, so the next leader starts from it.
+        watching.reconciles_stopped.cancelled().await;
+        if tokio::time::timeout(SHUTDOWN_GRACE, current.writer.drained())
             .await
             .is_err()
-    {
-        tracing::warn!("stopping with status writes still queued");
+        {
+            tracing::warn!("stopping with status writes still queued");
+        }
     }
+    // A lost term stops at once: another leader may be about to start.
+    views.term.send_replace(None);
     writer_stop.cancel();
     let _ = writer.await;
-    Ok(())
 }

@@ -1,7 +1,6 @@
 //! What the watch streams tell the reconciler: observations, the Lease index, watch health.
 
 use std::{
-    collections::HashMap,
     sync::{
         Arc, Mutex, PoisonError,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -18,13 +17,12 @@ use kube::{
     },
 };
 
-use super::status_writer::StatusWriter;
+use super::term::Term;
 use crate::cache::Grouping;
 use crate::{
-    api::{ServiceInstance, ServiceInstanceStatus},
+    api::ServiceInstance,
     leader::{self},
     liveness::{Observations, Tick},
-    prober,
     protection::{self, ChangeKind},
     registry::Registry,
 };
@@ -46,14 +44,10 @@ pub(super) struct Views {
     /// `spec.leaseName` or a deletion leaves nothing behind.
     pub(super) lease_index: Mutex<Grouping>,
     pub(super) observations: Mutex<Observations>,
-    /// The last status this controller wrote, by uid: the cache can lag behind our own writes,
-    /// and comparing with a stale copy would write (and announce) a transition twice.
-    pub(super) written: Mutex<HashMap<String, ServiceInstanceStatus>>,
-    /// Who is a member of which service, with this term's verdicts; the projector reads it.
+    /// Who is a member of which service, with this replica's verdicts; the projector reads it.
     pub(super) registry: Arc<Registry>,
-    /// Writes the status the judge decided, off the reconcile's path.
-    pub(super) status_writer: Arc<StatusWriter>,
-    pub(super) prober: prober::Prober,
+    /// The term this replica leads, if it leads: only then does it write.
+    pub(super) term: tokio::sync::watch::Sender<Option<Arc<Term>>>,
     /// The election, and with it [`leader::Contact`]: whether the apiserver answers.
     pub(super) elector: Arc<leader::Elector>,
     pub(super) guard: Mutex<protection::Guard>,
@@ -62,6 +56,11 @@ pub(super) struct Views {
 }
 
 impl Views {
+    /// The term this replica leads, if it leads.
+    pub(super) fn term(&self) -> Option<Arc<Term>> {
+        self.term.borrow().clone()
+    }
+
     pub(super) fn now(&self) -> Tick {
         Tick(self.origin.elapsed())
     }
@@ -181,7 +180,9 @@ impl Views {
                     self.forget(&ns, &si.name_any(), &replaced);
                 }
                 self.index(si, true);
-                self.prober.watch(si);
+                if let Some(term) = self.term() {
+                    term.prober.watch(si);
+                }
             }
             watcher::Event::Delete(si) => {
                 self.index(si, false);
@@ -203,9 +204,11 @@ impl Views {
         }
     }
 
-    /// Forgets everything this term remembers of a deleted instance.
+    /// Forgets everything this replica remembers of a deleted instance.
     fn forget(&self, ns: &str, name: &str, uid: &str) {
-        self.prober.forget(uid);
+        if let Some(term) = self.term() {
+            term.forget(uid);
+        }
         self.observations
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -214,11 +217,6 @@ impl Views {
             .protection()
             .forget(&(ns.to_string(), name.to_string()), self.now());
         self.announce(changes);
-        self.written
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(uid);
-        self.status_writer.forget(uid);
     }
 }
 

@@ -21,7 +21,10 @@ pub use written::Written;
 
 use std::{
     collections::{BTreeSet, HashMap, HashSet},
-    sync::{Arc, Mutex, PoisonError},
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
@@ -65,29 +68,47 @@ pub struct Options {
     pub headless: bool,
 }
 
-/// Sends services to project; cheap to clone.
+/// Sends services to project; cheap to clone. While no term runs (a standby) nothing is sent:
+/// a term starts by projecting everything.
 #[derive(Clone)]
-pub struct Trigger(mpsc::UnboundedSender<ServiceKey>);
+pub struct Trigger {
+    keys: mpsc::UnboundedSender<ServiceKey>,
+    active: Arc<AtomicBool>,
+}
 
 impl Trigger {
     pub fn project(&self, namespace: &str, service: &str) {
-        // The receiver lives as long as the projector; after it stops there is nothing to do.
-        let _ = self.0.send((namespace.to_string(), service.to_string()));
+        if self.active.load(Ordering::Relaxed) {
+            // The receiver lives as long as the process; after it stops there is nothing to do.
+            let _ = self.keys.send((namespace.to_string(), service.to_string()));
+        }
     }
 
-    /// Every known service: after a relist, when the caches were swapped in whole.
+    /// Every known service: when a term starts, and after a relist, when the caches were
+    /// swapped in whole.
     pub fn project_all(&self) {
-        let _ = self.0.send(ServiceKey::default());
+        if self.active.load(Ordering::Relaxed) {
+            let _ = self.keys.send(ServiceKey::default());
+        }
     }
 }
+
+/// The services to project, in the order they were triggered. It outlives a term: each term's
+/// projector takes it in turn.
+pub type Keys = Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<ServiceKey>>>;
 
 /// Creates the trigger channel.
-pub fn trigger() -> (Trigger, mpsc::UnboundedReceiver<ServiceKey>) {
-    let (tx, rx) = mpsc::unbounded_channel();
-    (Trigger(tx), rx)
+pub fn trigger() -> (Trigger, Keys) {
+    let (keys, rx) = mpsc::unbounded_channel();
+    let trigger = Trigger {
+        keys,
+        active: Arc::default(),
+    };
+    (trigger, Arc::new(tokio::sync::Mutex::new(rx)))
 }
 
-/// The caches of what the projector writes.
+/// The caches of what the projector writes; they outlive a term.
+#[derive(Clone)]
 pub struct Caches {
     pub services: Store<Service>,
     pub slices: ByService<EndpointSlice>,
@@ -112,6 +133,15 @@ impl Busy {
     pub async fn idle_within(&self, limit: Duration) {
         let mut busy = self.0.clone();
         let _ = tokio::time::timeout(limit, busy.wait_for(|busy| !busy)).await;
+    }
+}
+
+/// Stops a trigger sending when the projector's run ends.
+struct Deactivate<'a>(&'a Trigger);
+
+impl Drop for Deactivate<'_> {
+    fn drop(&mut self) {
+        self.0.active.store(false, Ordering::Relaxed);
     }
 }
 
@@ -160,13 +190,17 @@ impl Projector {
         Busy(self.state.busy.subscribe())
     }
 
-    /// Projects services as they are triggered, coalescing bursts, until `shutdown`.
-    pub async fn run(
-        self: Arc<Self>,
-        mut keys: mpsc::UnboundedReceiver<ServiceKey>,
-        trigger: Trigger,
-        shutdown: CancellationToken,
-    ) {
+    /// Projects services as they are triggered, coalescing bursts, until `shutdown` (the end
+    /// of the term). Everything is projected first: what was triggered while no term ran.
+    pub async fn run(self: Arc<Self>, keys: Keys, trigger: Trigger, shutdown: CancellationToken) {
+        let mut keys = tokio::select! {
+            keys = keys.lock_owned() => keys,
+            () = shutdown.cancelled() => return,
+        };
+        // What an earlier term left is covered by projecting everything below.
+        while keys.try_recv().is_ok() {}
+        trigger.active.store(true, Ordering::Relaxed);
+        let _stop = Deactivate(&trigger);
         tokio::select! {
             () = self.synced.wait() => {}
             () = shutdown.cancelled() => return,

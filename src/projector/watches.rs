@@ -89,6 +89,15 @@ pub struct ByService<K: Resource<DynamicType = ()> + Clone + 'static> {
     groups: Arc<Mutex<Grouping>>,
 }
 
+impl<K: Resource<DynamicType = ()> + Clone + 'static> Clone for ByService<K> {
+    fn clone(&self) -> Self {
+        ByService {
+            store: self.store.clone(),
+            groups: self.groups.clone(),
+        }
+    }
+}
+
 impl<K: Resource<DynamicType = ()> + Clone + 'static> ByService<K> {
     /// The cached objects of service `ns/service`, in name order.
     pub fn of(&self, ns: &str, service: &str) -> Vec<Arc<K>> {

@@ -265,7 +265,7 @@ fn assert_exact_rules(docs: &[Value], opted_in: &[(&str, &str)]) {
         }
     }
     let expected: std::collections::BTreeSet<String> = [
-        ("roster.dev/serviceinstances", "list watch delete"),
+        ("roster.dev/serviceinstances", "get list watch delete"),
         ("roster.dev/serviceinstances/status", "patch"),
         ("coordination.k8s.io/leases", "get list watch"),
         ("/services", "list watch create patch delete"),
@@ -593,6 +593,7 @@ fn never<'a>(workload_ns: &'a str) -> Vec<Access<'a>> {
 /// What serving one namespace needs there (the core scenario proves it sufficient).
 fn serving(ns: &str) -> Vec<Access<'_>> {
     vec![
+        can("get", "serviceinstances.roster.dev", ns),
         can("list", "serviceinstances.roster.dev", ns),
         can("watch", "serviceinstances.roster.dev", ns),
         can("delete", "serviceinstances.roster.dev", ns),

@@ -50,10 +50,11 @@ What the controller does with the objects it serves, verb by verb (docs/install.
 each one is used). The same rules go into a ClusterRole, or into a Role in watchNamespace.
 */}}
 {{- define "roster.rules" -}}
-# Watched (list, watch), expired (delete) and judged (status, by server-side apply).
+# Watched (list, watch), read afresh before a silence is believed (get), expired (delete) and
+# judged (status, by server-side apply).
 - apiGroups: [roster.dev]
   resources: [serviceinstances]
-  verbs: [list, watch, delete]
+  verbs: [get, list, watch, delete]
 - apiGroups: [roster.dev]
   resources: [serviceinstances/status]
   verbs: [patch]
