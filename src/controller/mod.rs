@@ -92,7 +92,10 @@ pub(super) fn instances(client: Client, namespace: Option<&str>) -> Api<ServiceI
 pub async fn run(settings: &Settings, shutdown: CancellationToken) -> Result<()> {
     let election = settings.election()?;
     settings.defaults()?;
+    // Timestamps where a start spends its time (the benchmark's restart resync reads them).
+    tracing::info!("starting: connecting to the cluster");
     let (client, url) = connect(settings.kubeconfig.as_ref(), settings.context.as_ref()).await?;
+    tracing::info!(cluster = %url, "connected; checking that the CRD is installed");
     preflight(&client, &url, settings.namespace.as_deref()).await?;
 
     let metrics = Arc::new(Metrics::default());
