@@ -69,6 +69,10 @@ struct Args {
     /// Extra flags for every `roster controller` the benchmark starts (repeat it).
     #[arg(long = "controller-arg", allow_hyphen_values = true)]
     controller_args: Vec<String>,
+    /// Stop after Roster's registration phase and print its latency beside the peer's: a
+    /// diagnostic for working on that path, not a result (no files, no other phase).
+    #[arg(long)]
+    registration_only: bool,
     /// The roster binary (default: the one beside this one).
     #[arg(long)]
     roster: Option<PathBuf>,
@@ -224,6 +228,23 @@ async fn main() -> Result<()> {
     let changes = observer.changes();
     let roster_reg = latencies(&sent, &first_ready(&changes, View::Slice, t));
     let roster_reg_cm = latencies(&sent, &first_ready(&changes, View::ConfigMap, t));
+    if args.registration_only {
+        let q = |v: &[f64], p| quantile(v, p).unwrap_or(f64::NAN);
+        let ratio = q(&roster_reg, 0.99) / q(&peer_reg, 0.99);
+        eprintln!(
+            "registration only (a diagnostic, not a result): routable p50/p99 Roster {:.0}/{:.0} ms, \
+             peer {:.0}/{:.0} ms, p99 {ratio:.2}x the peer; ConfigMap p99 {:.0} ms; every status Ready at {statuses_ms:.0} ms",
+            q(&roster_reg, 0.5),
+            q(&roster_reg, 0.99),
+            q(&peer_reg, 0.5),
+            q(&peer_reg, 0.99),
+            q(&roster_reg_cm, 0.99),
+        );
+        drop(standby);
+        controller.kill().await;
+        load.shutdown();
+        return Ok(());
+    }
     settle().await;
     let reg_window = Window {
         from: reg_from,

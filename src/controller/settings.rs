@@ -28,8 +28,9 @@ pub struct Settings {
     /// Maximum number of ServiceInstances reconciled at the same time.
     #[arg(long, default_value_t = 16)]
     pub concurrency: u16,
-    /// Instance changes within this many milliseconds are projected together.
-    #[arg(long, default_value_t = 100)]
+    /// A changed service waits this many milliseconds for further changes before it is
+    /// projected (changes made while its projection is in flight are coalesced anyway).
+    #[arg(long, default_value_t = 0)]
     pub projection_window_ms: u64,
     /// Maximum number of services projected at the same time (each one's writes stay in order).
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..))]

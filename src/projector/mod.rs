@@ -4,20 +4,24 @@
 //! Thin by design: it reads a service's members from the [registry index](crate::registry),
 //! which wakes it per service the moment a member or its verdict changes, asks
 //! [`crate::projection`] what should exist, and writes only objects whose relevant fields differ.
-//! Changes are coalesced: a burst of instance changes within the window is one projection per
-//! service.
+//! Changes are coalesced by a [work queue](queue): a service waits at most once however often
+//! it is triggered, is projected by one worker at a time, and no service waits for another's
+//! batch.
 //!
 //! The caches can lag behind the projector's own writes, so it also remembers what it last wrote
 //! (with the resourceVersion the apiserver gave it) and what it deleted; a watch event with any
 //! other resourceVersion means someone else wrote, and the cache is believed again.
 
 mod apply;
+mod queue;
 mod report;
 mod watches;
 mod written;
 
 pub use watches::{ByService, Synced, watch_children};
 pub use written::Written;
+
+use queue::WorkQueue;
 
 use std::{
     collections::{BTreeSet, HashMap, HashSet},
@@ -58,10 +62,10 @@ pub use crate::registry::ServiceKey;
 /// How the projector behaves.
 #[derive(Clone, Debug)]
 pub struct Options {
-    /// Changes within this window are projected together.
+    /// How long a triggered service waits for further changes before it is projected (0: at
+    /// once; changes that arrive while it is in flight are coalesced anyway).
     pub window: Duration,
-    /// Services projected at the same time. A service is in a batch at most once and batches
-    /// run one after another, so one service's writes never race each other.
+    /// Services projected at the same time (one service is never projected twice at once).
     pub concurrency: usize,
     /// Headless Services (`clusterIP: None`) instead of ClusterIP; applies to Services it
     /// creates (a Service's clusterIP cannot change).
@@ -207,67 +211,84 @@ impl Projector {
         }
         // Everything that exists now, including orphans of services without instances.
         trigger.project_all();
+        let mut queue = WorkQueue::default();
+        let this = &self;
+        let mut in_flight = futures::stream::FuturesUnordered::new();
         loop {
-            let first = tokio::select! {
-                key = keys.recv() => match key { Some(k) => k, None => return },
-                () = shutdown.cancelled() => return,
-            };
-            let mut batch = BTreeSet::from([first]);
-            let window = tokio::time::sleep(self.options.window);
-            tokio::pin!(window);
-            loop {
-                tokio::select! {
-                    key = keys.recv() => match key { Some(k) => { batch.insert(k); } None => break },
-                    () = &mut window => break,
+            // Free workers take what is ready; a service is never in flight twice.
+            let now = tokio::time::Instant::now();
+            while queue.in_flight() < self.options.concurrency.max(1)
+                && let Some(key) = queue.next(now)
+            {
+                if key == ServiceKey::default() {
+                    // "Everything": each known service waits its turn like any other.
+                    queue.done(&key);
+                    for known in self.known_keys() {
+                        queue.add(known, now, Duration::ZERO);
+                    }
+                    continue;
                 }
-            }
-            if batch.remove(&ServiceKey::default()) {
-                batch.extend(self.known_keys());
-            }
-            // A burst touches many services; one at a time, the batch's length is the sum of
-            // their round trips (the benchmark saw 10 000 instances over 500 services fall
-            // behind that way).
-            // Busy while the batch's writes are in flight (not during the window): status
-            // writes wait for this.
-            self.state.busy.send_replace(true);
-            let mut results = futures::stream::iter(batch)
-                .map(|key| async {
-                    let result = self.project(&key).await;
+                in_flight.push(async move {
+                    let result = this.project(&key).await;
                     (key, result)
-                })
-                .buffer_unordered(self.options.concurrency.max(1));
-            loop {
-                let (key, result) = tokio::select! {
-                    next = results.next() => match next { Some(r) => r, None => break },
-                    () = shutdown.cancelled() => return,
-                };
-                let mut failures = self
-                    .state
-                    .failures
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner);
-                match result {
-                    Ok(()) => {
-                        failures.remove(&key);
-                    }
-                    Err(e) => {
-                        self.metrics.reconcile_failed(&e);
-                        let n = failures.entry(key.clone()).or_default();
-                        *n = n.saturating_add(1);
-                        // 1 s, 2 s, 4 s … at most a minute.
-                        let delay =
-                            Duration::from_secs(1 << (*n - 1).min(6)).min(Duration::from_secs(60));
-                        tracing::warn!(namespace = %key.0, service = %key.1, ?delay, error = %crate::error::report(&e), "projection failed; retrying");
-                        let retry = trigger.clone();
-                        tokio::spawn(async move {
-                            tokio::time::sleep(delay).await;
-                            retry.project(&key.0, &key.1);
-                        });
-                    }
-                }
+                });
             }
-            self.state.busy.send_replace(false);
+            // Busy while services wait or are in flight: status writes wait for this.
+            self.state.busy.send_if_modified(|busy| {
+                let was = std::mem::replace(busy, !queue.is_idle());
+                was != *busy
+            });
+            let ready = queue.next_ready();
+            let wake = async {
+                match ready {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                key = keys.recv() => match key {
+                    Some(key) => {
+                        let now = tokio::time::Instant::now();
+                        queue.add(key, now, self.options.window);
+                        // Take every trigger that is already here before handing out work.
+                        while let Ok(key) = keys.try_recv() {
+                            queue.add(key, now, self.options.window);
+                        }
+                    }
+                    None => return,
+                },
+                Some((key, result)) = in_flight.next(), if !in_flight.is_empty() => {
+                    queue.done(&key);
+                    self.finished(&key, result, &trigger);
+                }
+                () = wake => {}
+                () = shutdown.cancelled() => return,
+            }
         }
+    }
+
+    /// Records a projection's outcome; a failure is retried with backoff.
+    fn finished(&self, key: &ServiceKey, result: Result<()>, trigger: &Trigger) {
+        let mut failures = self
+            .state
+            .failures
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let Err(e) = result else {
+            failures.remove(key);
+            return;
+        };
+        self.metrics.reconcile_failed(&e);
+        let n = failures.entry(key.clone()).or_default();
+        *n = n.saturating_add(1);
+        // 1 s, 2 s, 4 s … at most a minute.
+        let delay = Duration::from_secs(1 << (*n - 1).min(6)).min(Duration::from_secs(60));
+        tracing::warn!(namespace = %key.0, service = %key.1, ?delay, error = %crate::error::report(&e), "projection failed; retrying");
+        let (retry, key) = (trigger.clone(), key.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            retry.project(&key.0, &key.1);
+        });
     }
 
     pub(super) fn known_keys(&self) -> BTreeSet<ServiceKey> {
@@ -341,26 +362,33 @@ impl Projector {
                 &self.apply_service(ns, service, &members, stored).await?,
             )),
         };
-        if let Some(owner) = &owner {
+        // Routing (slices, Endpoints) and the JSON view are different objects: written side by
+        // side, so neither waits for the other's round trip.
+        let routing = async {
+            let Some(owner) = &owner else {
+                return Ok(None);
+            };
             self.apply_slices(ns, service, &endpoints, owner).await?;
-            if let Some(problem) = self.apply_endpoints(ns, service, &endpoints, owner).await? {
-                problems.push(problem);
+            self.apply_endpoints(ns, service, &endpoints, owner).await
+        };
+        let view = async {
+            let json = projection::config_json(service, &members);
+            let too_large = json.len() > MAX_CONFIG_BYTES;
+            self.track_too_large(key, too_large);
+            if too_large {
+                return Ok(Some((
+                    "ConfigMapTooLarge",
+                    format!(
+                        "The JSON view of service {service:?} is over the {MAX_CONFIG_BYTES}-byte limit of \
+                         a ConfigMap; the ConfigMap is not updated (the EndpointSlices are)"
+                    ),
+                )));
             }
-        }
-        let json = projection::config_json(service, &members);
-        let too_large = json.len() > MAX_CONFIG_BYTES;
-        self.track_too_large(key, too_large);
-        if too_large {
-            problems.push((
-                "ConfigMapTooLarge",
-                format!(
-                    "The JSON view of service {service:?} is over the {MAX_CONFIG_BYTES}-byte limit of a \
-                     ConfigMap; the ConfigMap is not updated (the EndpointSlices are)"
-                ),
-            ));
-        } else if let Some(problem) = self.apply_config_map(ns, service, json, owner).await? {
-            problems.push(problem);
-        }
+            self.apply_config_map(ns, service, json, owner.clone()).await
+        };
+        let (routing, view) = tokio::join!(routing, view);
+        problems.extend(routing?);
+        problems.extend(view?);
 
         let service_problem = (!problems.is_empty()).then(|| {
             let reason = problems[0].0;
