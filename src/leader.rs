@@ -1,5 +1,5 @@
-//! Leader election on a `coordination.k8s.io/v1` Lease, with client-go's rules, and
-//! [`Contact`]: proof that the apiserver (and etcd behind it) answered after a given moment.
+//! Leader election on a `coordination.k8s.io/v1` Lease, with client-go's rules. Every round
+//! trip's outcome is recorded in [`Contact`].
 //!
 //! The rules, as client-go's `leaderelection` package:
 //! - A candidate takes the Lease when it has no holder, or when the holder's record has not
@@ -18,10 +18,7 @@
 //! every round trip's outcome for [`Contact`]; the protocol itself is about a hundred lines.
 
 use std::{
-    sync::{
-        Mutex, PoisonError,
-        atomic::{AtomicBool, Ordering},
-    },
+    sync::{Mutex, PoisonError},
     time::Duration,
 };
 
@@ -35,6 +32,8 @@ use kube::{
 };
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+
+pub use crate::contact::Contact;
 
 /// How the election is run; client-go's defaults are 15 s / 10 s / 2 s.
 #[derive(Clone, Debug)]
@@ -78,15 +77,11 @@ impl Elector {
     pub fn new(client: Client, params: Params) -> Elector {
         let api: Api<Lease> = Api::namespaced(client, &params.namespace);
         Elector {
-            contact: Contact {
-                api: api.clone(),
-                name: params.name.clone(),
-                timeout: params.retry_period.max(Duration::from_secs(1)),
-                last_ok: Mutex::new(None),
-                restored_at: Mutex::new(None),
-                lost: AtomicBool::new(false),
-                probe: tokio::sync::Mutex::new(()),
-            },
+            contact: Contact::new(
+                api.clone(),
+                params.name.clone(),
+                params.retry_period.max(Duration::from_secs(1)),
+            ),
             api,
             params,
             observed: Mutex::new(None),
@@ -200,12 +195,12 @@ impl Elector {
                 Some(attempt)
             }
             Ok(Err(e)) => {
-                self.contact.failed();
+                self.contact.unanswered(started);
                 tracing::warn!(error = %e, lease = %self.params.name, "leader election");
                 None
             }
             Err(_) => {
-                self.contact.failed();
+                self.contact.unanswered(started);
                 tracing::warn!(lease = %self.params.name, ?timeout, "leader election: no answer in time");
                 None
             }
@@ -298,99 +293,6 @@ impl Elector {
                 let now = Instant::now();
                 *observed = Some((record, now));
                 now
-            }
-        }
-    }
-}
-
-/// Whether the apiserver, and etcd behind it, has answered recently enough that a silence can
-/// be believed: an instance is only judged silent or expired on a moment after which a request
-/// that reads from etcd succeeded, and a failed round trip starts a fresh view once contact is
-/// back (heartbeats could not arrive while it was gone).
-pub struct Contact {
-    api: Api<Lease>,
-    name: String,
-    timeout: Duration,
-    /// When the latest round trip that succeeded started.
-    last_ok: Mutex<Option<Instant>>,
-    /// When contact came back after it was lost.
-    restored_at: Mutex<Option<Instant>>,
-    lost: AtomicBool,
-    /// One probe at a time; concurrent callers share its answer.
-    probe: tokio::sync::Mutex<()>,
-}
-
-impl Contact {
-    fn answered(&self, started: Instant) {
-        {
-            let mut last = self.last_ok.lock().unwrap_or_else(PoisonError::into_inner);
-            *last = Some(last.map_or(started, |l| l.max(started)));
-        }
-        if self.lost.swap(false, Ordering::Relaxed) {
-            *self
-                .restored_at
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
-            tracing::info!("the apiserver answers again: every instance gets a full TTL from now");
-        }
-    }
-
-    fn failed(&self) {
-        if !self.lost.swap(true, Ordering::Relaxed) {
-            tracing::warn!(
-                "the apiserver did not answer: no instance is judged silent until it does"
-            );
-        }
-    }
-
-    /// When contact last came back after being lost.
-    pub fn restored_at(&self) -> Option<Instant> {
-        *self
-            .restored_at
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Whether a request that started at or after `since` has been answered; sends one (a read
-    /// of the election Lease, which goes to etcd) when none has. Concurrent callers share a
-    /// probe. `false` while contact is lost.
-    pub async fn confirmed_since(&self, since: Instant) -> bool {
-        let covered = || {
-            !self.lost.load(Ordering::Relaxed)
-                && self
-                    .last_ok
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .is_some_and(|ok| ok >= since)
-        };
-        if self.lost.load(Ordering::Relaxed) {
-            return false;
-        }
-        if covered() {
-            return true;
-        }
-        let _probe = self.probe.lock().await;
-        // The probe this caller waited for may have failed: then its answer stands.
-        if self.lost.load(Ordering::Relaxed) {
-            return false;
-        }
-        if covered() {
-            return true;
-        }
-        let started = Instant::now();
-        match tokio::time::timeout(self.timeout, self.api.get_opt(&self.name)).await {
-            Ok(Ok(_)) => {
-                self.answered(started);
-                true
-            }
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "contact check");
-                self.failed();
-                false
-            }
-            Err(_) => {
-                self.failed();
-                false
             }
         }
     }

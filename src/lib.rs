@@ -9,6 +9,7 @@ pub mod api;
 pub mod cache;
 pub mod cli;
 pub mod client;
+pub mod contact;
 pub mod control_plane;
 pub mod controller;
 pub mod dev;

@@ -90,6 +90,16 @@ pub struct Observed {
     pub last_heartbeat: Option<Tick>,
 }
 
+impl Observed {
+    /// Where silence is counted from: the later of the last heartbeat and the view's start.
+    pub fn silence_start(&self) -> Tick {
+        match self.last_heartbeat {
+            Some(hb) if hb > self.watching_since => hb,
+            _ => self.watching_since,
+        }
+    }
+}
+
 /// The last verdict written to the instance's status (it survives controller restarts, the
 /// in-memory observations do not).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -131,10 +141,7 @@ pub struct Judgement {
 /// current view; `Expired` therefore never comes before `delete_after` of silence this
 /// controller observed itself.
 pub fn judge(timing: Timing, observed: Observed, prior: Prior, now: Tick) -> Judgement {
-    let silence_start = match observed.last_heartbeat {
-        Some(hb) if hb > observed.watching_since => hb,
-        _ => observed.watching_since,
-    };
+    let silence_start = observed.silence_start();
     let silent = now.saturating_since(silence_start);
     if let Some(delete_after) = timing.delete_after
         && silent >= delete_after

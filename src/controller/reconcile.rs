@@ -134,7 +134,23 @@ pub(super) async fn reconcile(si: Arc<ServiceInstance>, ctx: Arc<Context>) -> Re
             return Ok(Action::requeue(Duration::from_secs(1)));
         }
         if views.view_floor() != floor {
-            // Contact came back while this waited: judge again in the fresh view.
+            // A watch relisted while this waited: judge again in the fresh view.
+            return Ok(Action::requeue(Duration::from_millis(10)));
+        }
+        // The apiserver stalled for a quarter of the TTL or more within this silence: it may
+        // have cost the instance heartbeats, so it gets a full TTL from the stall's end.
+        if let Some(due) = judgement.due
+            && let Some(end) = views.elector.contact().fresh_view(
+                views.instant(observed.silence_start()),
+                views.instant(due),
+                timing.ttl,
+            )
+        {
+            views
+                .observations
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .rebase(&namespace, &name, views.tick(end));
             return Ok(Action::requeue(Duration::from_millis(10)));
         }
         // A watch can be connected and lagging: believe the silence only if a read made now,

@@ -70,19 +70,16 @@ impl Views {
         self.relisted_at.fetch_max(nanos, Ordering::Relaxed);
     }
 
-    /// The start of the current view: the last (re)list of a watch, or the moment the
-    /// apiserver answered again after it did not.
+    /// The start of the current view: the last (re)list of a watch. (A stall of the apiserver
+    /// starts a fresh view only for the instances whose silence it covered: `Contact`.)
     pub(super) fn view_floor(&self) -> Tick {
-        let relisted = Tick(Duration::from_nanos(
+        Tick(Duration::from_nanos(
             self.relisted_at.load(Ordering::Relaxed),
-        ));
-        let restored = self
-            .elector
-            .contact()
-            .restored_at()
-            .map(|at| Tick(at.saturating_duration_since(self.origin)))
-            .unwrap_or_default();
-        relisted.max(restored)
+        ))
+    }
+
+    pub(super) fn tick(&self, at: tokio::time::Instant) -> Tick {
+        Tick(at.saturating_duration_since(self.origin))
     }
 
     pub(super) fn instant(&self, tick: Tick) -> tokio::time::Instant {

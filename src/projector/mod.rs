@@ -384,7 +384,8 @@ impl Projector {
                     ),
                 )));
             }
-            self.apply_config_map(ns, service, json, owner.clone()).await
+            self.apply_config_map(ns, service, json, owner.clone())
+                .await
         };
         let (routing, view) = tokio::join!(routing, view);
         problems.extend(routing?);

@@ -127,11 +127,8 @@ fn timeline(history: &History, resumed: Instant) -> String {
         .join("\n")
 }
 
-async fn outage_deletes_nothing_and_expiry_resumes_after_a_fresh_ttl(
-    target: Target,
-    extra: &[&str],
-) {
-    let _serial = SERIAL.lock().await;
+/// A control plane of the test's own, the CRD, and a controller that leads.
+async fn start(extra: &[&str]) -> (LocalControlPlane, kube::Client, ControllerProcess) {
     let cp = LocalControlPlane::start();
     let client = roster::control_plane::client_for(&cp.kubeconfig)
         .await
@@ -145,6 +142,15 @@ async fn outage_deletes_nothing_and_expiry_resumes_after_a_fresh_ttl(
             o.contains("became leader").then_some(())
         })
         .await;
+    (cp, client, controller)
+}
+
+async fn outage_deletes_nothing_and_expiry_resumes_after_a_fresh_ttl(
+    target: Target,
+    extra: &[&str],
+) {
+    let _serial = SERIAL.lock().await;
+    let (cp, client, controller) = start(extra).await;
     let api: Api<ServiceInstance> = Api::namespaced(client.clone(), NAMESPACE);
 
     // Three that heartbeat throughout (four instances in all: below the default minimum size of
@@ -260,4 +266,75 @@ async fn an_apiserver_outage_deletes_nothing_and_expiry_resumes_after_a_fresh_tt
 #[tokio::test]
 async fn an_etcd_outage_deletes_nothing_and_expiry_resumes_after_a_fresh_ttl() {
     outage_deletes_nothing_and_expiry_resumes_after_a_fresh_ttl(Target::Etcd, &FAST_ELECTION).await;
+}
+
+/// A stall of the apiserver shorter than a quarter of the TTL is a late answer, not an outage:
+/// it costs no heartbeat of a client that waits TTL/3, so it gives nobody a fresh TTL, and an
+/// instance that fell silent before it is judged on time. (Before, any request that timed out
+/// gave every instance a full TTL from the apiserver's return: the benchmark's expiry tail.)
+#[tokio::test]
+async fn a_stall_under_a_quarter_of_the_ttl_delays_no_expiry() {
+    const LONG_TTL: i32 = 40;
+    let _serial = SERIAL.lock().await;
+    let (cp, client, controller) = start(&[]).await;
+    let api: Api<ServiceInstance> = Api::namespaced(client.clone(), NAMESPACE);
+    let long = |name: &str| {
+        let mut si = instance(name);
+        si.spec.ttl_seconds = Some(LONG_TTL);
+        // Never deleted: only the Unhealthy verdict is timed.
+        si.spec.delete_after_seconds = Some(0);
+        si
+    };
+    api.create(&PostParams::default(), &long("alive"))
+        .await
+        .expect("create");
+    heartbeat(&api, "alive").await.expect("first heartbeat");
+    let mut beats = Beats::new(&api, Duration::from_secs(1));
+    beats.start("alive");
+    api.create(&PostParams::default(), &long("dead"))
+        .await
+        .expect("create");
+    heartbeat(&api, "dead")
+        .await
+        .expect("dead's only heartbeat");
+    await_ready(&api, "dead").await;
+    await_ready(&api, "alive").await;
+    let history = History::start(api.clone()).await;
+
+    // 5 s: longer than a request's timeout (the retry period, 2 s), so the controller sees a
+    // request go unanswered; with the time since the last answer before it, under 10 s, a
+    // quarter of the TTL.
+    let stopped = Stopped::stop(&cp, Target::ApiServer);
+    tokio::time::sleep(Duration::from_secs(5)).await; // pacing: the stall's length
+    drop(stopped);
+    let resumed = Instant::now();
+    let unhealthy = wait_for(
+        &api,
+        "dead",
+        "phase Unhealthy",
+        Duration::from_secs(u64::try_from(LONG_TTL).unwrap_or(40) + 30),
+        |si: Option<&ServiceInstance>| {
+            si.and_then(|si| si.status.as_ref()).and_then(|s| s.phase) == Some(Phase::Unhealthy)
+        },
+    )
+    .await;
+    let at = Instant::now();
+    let seen = timeline(&history, resumed);
+    assert!(
+        controller.output().contains("did not answer in time"),
+        "the controller never saw a request go unanswered: the stall was not exercised"
+    );
+    // A fresh TTL from the apiserver's return would put it at resumed + 40 s or later.
+    let fresh = resumed + Duration::from_secs(u64::try_from(LONG_TTL).unwrap_or(40));
+    assert!(
+        at + Duration::from_secs(1) < fresh,
+        "dead went Unhealthy {:?} after the stall: it was given a fresh TTL; history:\n{seen}",
+        at.saturating_duration_since(resumed)
+    );
+    assert_eq!(
+        unhealthy.status.and_then(|s| s.phase),
+        Some(Phase::Unhealthy)
+    );
+    let alive: Vec<Option<Phase>> = history.of("alive").iter().map(|s| s.phase).collect();
+    assert_eq!(alive, vec![Some(Phase::Ready)], "history:\n{seen}");
 }
