@@ -108,3 +108,30 @@ pub fn writes(log: &[Request], user: &str, window: Window, resources: &[&str]) -
         .filter(|r| resources.is_empty() || resources.contains(&r.resource.as_str()))
         .count()
 }
+
+/// Requests in `window` grouped by identity, verb and resource, most numerous first: count and
+/// latency p50 / p99 / sum (for the registration-only diagnostic).
+pub fn breakdown(log: &[Request], window: Window) -> Vec<String> {
+    let mut groups: std::collections::BTreeMap<(String, String, String), Vec<f64>> =
+        std::collections::BTreeMap::new();
+    for r in log.iter().filter(|r| window.contains(r.received)) {
+        groups
+            .entry((r.user.clone(), r.verb.clone(), r.resource.clone()))
+            .or_default()
+            .push(r.latency_ms);
+    }
+    let mut rows: Vec<_> = groups.into_iter().collect();
+    rows.sort_by_key(|(_, l)| std::cmp::Reverse(l.len()));
+    rows.into_iter()
+        .map(|((user, verb, resource), latencies)| {
+            let q = |p| crate::results::quantile(&latencies, p).unwrap_or(f64::NAN);
+            format!(
+                "{user} {verb} {resource}: {} requests, p50 {:.0} ms, p99 {:.0} ms, sum {:.1} s",
+                latencies.len(),
+                q(0.5),
+                q(0.99),
+                latencies.iter().sum::<f64>() / 1000.0
+            )
+        })
+        .collect()
+}

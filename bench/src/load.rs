@@ -54,6 +54,8 @@ pub struct Load {
     rate_milli: Arc<AtomicU64>,
     /// (sent at, latency ms) of each heartbeat.
     latencies: Arc<Mutex<Vec<(Instant, f64)>>>,
+    /// When each registration's create was answered, by address.
+    pub answered: Mutex<HashMap<String, Instant>>,
     stop: Stop,
 }
 
@@ -71,6 +73,7 @@ impl Load {
             sent: Arc::default(),
             rate_milli: Arc::default(),
             latencies: Arc::default(),
+            answered: Mutex::default(),
             stop: Stop::default(),
         }
     }
@@ -106,6 +109,10 @@ impl Load {
                     let at = Instant::now();
                     self.instances.create(&PostParams::default(), &si).await?;
                     self.beat_answered(i);
+                    self.answered
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .insert(address.clone(), Instant::now());
                     sent.lock()
                         .unwrap_or_else(PoisonError::into_inner)
                         .insert(address, at);

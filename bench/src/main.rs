@@ -140,6 +140,21 @@ async fn main() -> Result<()> {
     // silent at once would be a mass expiry, which protection rightly holds.
     let silenced: Vec<usize> = (0..k).map(|j| (j * (n / k) + j) % n).collect();
 
+    // The control plane's CPU, for the registration-only diagnostic: what each system's
+    // registration cost the apiserver and etcd.
+    let sampler = Sampler::default();
+    let (apiserver_pid, etcd_pid) = cluster.cp.pids();
+    let control_plane_pids: Vec<u32> = [apiserver_pid, etcd_pid].into_iter().flatten().collect();
+    for &pid in &control_plane_pids {
+        sampler.watch(pid);
+    }
+    let control_plane_cpu = |from: Instant, to: Instant| -> f64 {
+        control_plane_pids
+            .iter()
+            .filter_map(|&pid| sampler.cpu_seconds(pid, from, to))
+            .sum()
+    };
+
     // ---- The peer first, alone: Pods made ready by /status, sliced by kube-controller-manager.
     eprintln!("peer: {n} pods");
     let peer = peer::Peer::create(&cluster.admin, &load_client, n, services).await?;
@@ -155,7 +170,9 @@ async fn main() -> Result<()> {
         Duration::from_secs(60 + n as u64 / 20),
     )
     .await?;
-    let peer_reg = latencies(&sent, &first_ready(&observer.changes(), View::Slice, t));
+    let peer_ready = first_ready(&observer.changes(), View::Slice, t);
+    let peer_reg = latencies(&sent, &peer_ready);
+    let peer_cp_cpu = control_plane_cpu(t, Instant::now());
     let peer_reg_window = Window {
         from: peer_from,
         to: jiff::Timestamp::now(),
@@ -179,7 +196,6 @@ async fn main() -> Result<()> {
     };
 
     // ---- Roster: the controller under its own identity, as a separate process.
-    let sampler = Sampler::default();
     let mut controller = Controller::spawn(
         &roster_bin,
         &controller_kubeconfig,
@@ -215,6 +231,7 @@ async fn main() -> Result<()> {
     // either), or at half the TTL, whichever comes first, so none expires while a burst drains.
     let half_ttl = Duration::from_secs(ttl / 2).saturating_sub(t.elapsed());
     let all_routable = await_count(&observer, View::Slice, &addresses, n, half_ttl).await;
+    let roster_cp_cpu = control_plane_cpu(t, Instant::now());
     load.start();
     if all_routable.is_err() {
         await_count(&observer, View::Slice, &addresses, n, reg_timeout).await?;
@@ -233,13 +250,59 @@ async fn main() -> Result<()> {
         let ratio = q(&roster_reg, 0.99) / q(&peer_reg, 0.99);
         eprintln!(
             "registration only (a diagnostic, not a result): routable p50/p99 Roster {:.0}/{:.0} ms, \
-             peer {:.0}/{:.0} ms, p99 {ratio:.2}x the peer; ConfigMap p99 {:.0} ms; every status Ready at {statuses_ms:.0} ms",
+             peer {:.0}/{:.0} ms, p99 {ratio:.2}x the peer; ConfigMap p99 {:.0} ms; every status Ready at {statuses_ms:.0} ms; \
+             leader RSS peak {:.1} MiB, CPU {:.0} % of a core; standby {:.1} MiB, {:.0} %; \
+             apiserver + etcd CPU until all routable: {roster_cp_cpu:.1} s (peer {peer_cp_cpu:.1} s)",
             q(&roster_reg, 0.5),
             q(&roster_reg, 0.99),
             q(&peer_reg, 0.5),
             q(&peer_reg, 0.99),
             q(&roster_reg_cm, 0.99),
+            sampler
+                .rss_peak(controller.pid, t, Instant::now())
+                .unwrap_or(f64::NAN),
+            100.0
+                * sampler
+                    .cpu_share(controller.pid, t, Instant::now())
+                    .unwrap_or(f64::NAN),
+            sampler
+                .rss_peak(standby.pid, t, Instant::now())
+                .unwrap_or(f64::NAN),
+            100.0
+                * sampler
+                    .cpu_share(standby.pid, t, Instant::now())
+                    .unwrap_or(f64::NAN),
         );
+        // From the write being answered (Roster's create, the peer's ready status) to routable:
+        // the controller's share of the latency.
+        let after = |answered: &std::sync::Mutex<HashMap<String, Instant>>,
+                     ready: &HashMap<String, Instant>| {
+            let answered = answered
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone();
+            latencies(&answered, ready)
+        };
+        let roster_ready = first_ready(&changes, View::Slice, t);
+        let roster_after = after(&load.answered, &roster_ready);
+        let peer_after = after(&peer.answered, &peer_ready);
+        eprintln!(
+            "from the write answered to routable p50/p99: Roster {:.0}/{:.0} ms, peer {:.0}/{:.0} ms",
+            q(&roster_after, 0.5),
+            q(&roster_after, 0.99),
+            q(&peer_after, 0.5),
+            q(&peer_after, 0.99),
+        );
+        let roster_window = Window {
+            from: reg_from,
+            to: jiff::Timestamp::now(),
+        };
+        for (what, window) in [("peer", peer_reg_window), ("roster", roster_window)] {
+            eprintln!("{what}'s registration, requests by identity (audit log):");
+            for line in audit::breakdown(&cluster.audit(), window) {
+                eprintln!("  {line}");
+            }
+        }
         drop(standby);
         controller.kill().await;
         load.shutdown();

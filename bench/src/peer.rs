@@ -30,6 +30,8 @@ pub fn pod(i: usize, services: usize) -> (String, String, String) {
 
 pub struct Peer {
     pods: Api<Pod>,
+    /// When each Pod's ready status was answered, by IP.
+    pub answered: Mutex<HashMap<String, Instant>>,
     n: usize,
     services: usize,
 }
@@ -50,7 +52,12 @@ impl Peer {
             svcs.create(&PostParams::default(), &svc).await?;
         }
         let pods = Api::<Pod>::namespaced(load.clone(), NAMESPACE);
-        Ok(Peer { pods, n, services })
+        Ok(Peer {
+            pods,
+            answered: Mutex::default(),
+            n,
+            services,
+        })
     }
 
     /// Creates every Pod and, at once, marks it running and ready, as a kubelet that starts
@@ -70,6 +77,10 @@ impl Peer {
                     let at = Instant::now();
                     self.pods.create(&PostParams::default(), &pod).await?;
                     self.status(i, true).await?;
+                    self.answered
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .insert(ip.clone(), Instant::now());
                     sent.lock().unwrap_or_else(PoisonError::into_inner).insert(ip, at);
                     anyhow::Ok(())
                 }

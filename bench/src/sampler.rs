@@ -58,6 +58,12 @@ impl Sampler {
             .max_by(f64::total_cmp)
     }
 
+    /// CPU seconds `pid` used in the window.
+    pub fn cpu_seconds(&self, pid: u32, from: Instant, to: Instant) -> Option<f64> {
+        let s = self.of(pid, from, to);
+        Some(s.last()?.cpu_s - s.first()?.cpu_s)
+    }
+
     /// CPU use of `pid` in the window, as a share of one core.
     pub fn cpu_share(&self, pid: u32, from: Instant, to: Instant) -> Option<f64> {
         let s = self.of(pid, from, to);

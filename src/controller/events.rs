@@ -1,6 +1,6 @@
 //! Events: one per transition, and the announcements of protection against mass expiry.
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::ObjectReference;
@@ -11,13 +11,15 @@ use kube::{
         reflector::ObjectRef,
     },
 };
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use super::{reconcile::Context, views::Views};
+use super::views::Views;
 use crate::{
     api::{Phase, ServiceInstance},
     liveness::Timing,
     metrics::Metrics,
+    projector::Busy,
     protection::{self, ChangeKind, Release, Scope},
 };
 
@@ -54,17 +56,59 @@ pub(super) fn transition_event(timing: Timing, phase: Phase) -> Event {
     }
 }
 
-/// Events are best effort: a failure is logged, never fails the reconcile.
+/// A term's transition Events: best effort (a failure is logged, never fails the reconcile),
+/// and written off the reconcile's path, behind the projection.
 ///
-/// They are written off the reconcile's path: awaiting each one doubled the time a transition
-/// took (the benchmark, docs/benchmark.md), and an Event never decides anything.
-pub(super) fn publish(ctx: &Context, si: &ServiceInstance, event: Event) {
-    let (recorder, reference, name) = (ctx.recorder.clone(), si.object_ref(&()), si.name_any());
-    tokio::spawn(async move {
-        if let Err(e) = recorder.publish(&event, &reference).await {
-            tracing::warn!(%name, reason = %event.reason, error = %e, "cannot publish Event");
+/// Awaiting each one on the reconcile's path doubled the time a transition took, and spawning
+/// each one at once sent a registration burst's Events (one per instance) to the apiserver all
+/// together, where the benchmark's audit log showed them costing it as much time as the
+/// registrations themselves while the slices waited. So they go out in order, a few at a time,
+/// each waiting (a bounded time, so never starved) while the projector has work in hand, and
+/// only while the term lasts: an Event is a write, and another leader may be writing.
+pub(super) struct Events {
+    permits: Arc<Semaphore>,
+    projection: Busy,
+    term: CancellationToken,
+}
+
+/// Events in flight at once.
+const EVENTS_IN_FLIGHT: usize = 4;
+/// The longest an Event waits for the projector to have nothing in hand.
+const YIELD_TO_PROJECTION: Duration = Duration::from_millis(500);
+
+impl Events {
+    pub(super) fn new(projection: Busy, term: CancellationToken) -> Events {
+        Events {
+            permits: Arc::new(Semaphore::new(EVENTS_IN_FLIGHT)),
+            projection,
+            term,
         }
-    });
+    }
+
+    pub(super) fn publish(&self, recorder: &Recorder, si: &ServiceInstance, event: Event) {
+        let (recorder, reference, name) = (recorder.clone(), si.object_ref(&()), si.name_any());
+        let (permits, projection, term) = (
+            self.permits.clone(),
+            self.projection.clone(),
+            self.term.clone(),
+        );
+        tokio::spawn(async move {
+            // The semaphore is fair: Events leave in the order they were published.
+            let publish = async {
+                let Ok(_permit) = permits.acquire().await else {
+                    return;
+                };
+                projection.idle_within(YIELD_TO_PROJECTION).await;
+                if let Err(e) = recorder.publish(&event, &reference).await {
+                    tracing::warn!(%name, reason = %event.reason, error = %e, "cannot publish Event");
+                }
+            };
+            tokio::select! {
+                () = publish => {}
+                () = term.cancelled() => {}
+            }
+        });
+    }
 }
 
 /// Announces changes of protection: a log line, the metrics, an Event on the Service (on the

@@ -11,7 +11,7 @@ use kube::{
     },
 };
 
-use super::{events::publish, reconcile::Context, term::Term};
+use super::{reconcile::Context, term::Term};
 use crate::{Error, Result, api::ServiceInstance, liveness::Timing};
 
 /// Deletes an instance after `deleteAfterSeconds` of observed silence. It loses every race
@@ -53,7 +53,7 @@ pub(super) async fn expire(
                 action: "Delete".into(),
                 secondary: None,
             };
-            publish(ctx, si, event);
+            term.events.publish(&ctx.recorder, si, event);
             Ok(Action::await_change())
         }
         // Changed (a heartbeat?): judge again once the watch brings the new state.

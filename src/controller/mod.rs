@@ -411,19 +411,6 @@ pub(super) async fn lead(
         ..
     } = process;
     let views = &watching.views;
-    let current = Arc::new(Term::new(
-        term.clone(),
-        prober::spawn(
-            settings.probe_concurrency,
-            watching.requeue.clone(),
-            metrics.clone(),
-            term.clone(),
-        ),
-    ));
-    views.term.send_replace(Some(current.clone()));
-    for si in watching.instances.state() {
-        current.prober.watch(&si);
-    }
     let projector = Arc::new(projector::Projector {
         client: client.clone(),
         caches: watching.caches.clone(),
@@ -439,6 +426,20 @@ pub(super) async fn lead(
         written: watching.written.clone(),
         state: projector::State::default(),
     });
+    let current = Arc::new(Term::new(
+        term.clone(),
+        prober::spawn(
+            settings.probe_concurrency,
+            watching.requeue.clone(),
+            metrics.clone(),
+            term.clone(),
+        ),
+        projector.busy(),
+    ));
+    views.term.send_replace(Some(current.clone()));
+    for si in watching.instances.state() {
+        current.prober.watch(&si);
+    }
     // The status writer outlives the term by a drain on a graceful shutdown, but stops the
     // moment a term is lost: another leader may be writing.
     let writer_stop = CancellationToken::new();

@@ -17,7 +17,7 @@ use kube::{
 };
 
 use super::{
-    events::{publish, transition_event},
+    events::transition_event,
     expire::expire,
     views::{Views, renewal},
 };
@@ -250,7 +250,7 @@ pub(super) async fn reconcile(si: Arc<ServiceInstance>, ctx: Arc<Context>) -> Re
             } else {
                 transition_event(timing, phase)
             };
-            publish(&ctx, &si, event);
+            term.events.publish(&ctx.recorder, &si, event);
         }
     }
     Ok(next)

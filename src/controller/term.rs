@@ -10,10 +10,11 @@ use std::{
 
 use tokio_util::sync::CancellationToken;
 
-use super::status_writer::StatusWriter;
+use super::{events::Events, status_writer::StatusWriter};
 use crate::{
     api::{ServiceInstance, ServiceInstanceStatus},
     prober::Prober,
+    projector::Busy,
     status,
 };
 
@@ -24,14 +25,17 @@ pub(super) struct Term {
     pub(super) writer: std::sync::Arc<StatusWriter>,
     /// Health checks run only on the leader.
     pub(super) prober: Prober,
+    /// Transition Events, behind the projection.
+    pub(super) events: Events,
     /// The last status this term wrote, by uid: the cache can lag behind our own writes, and
     /// comparing with a stale copy would write (and announce) a transition twice.
     written: Mutex<HashMap<String, ServiceInstanceStatus>>,
 }
 
 impl Term {
-    pub(super) fn new(token: CancellationToken, prober: Prober) -> Term {
+    pub(super) fn new(token: CancellationToken, prober: Prober, projection: Busy) -> Term {
         Term {
+            events: Events::new(projection, token.clone()),
             token,
             writer: std::sync::Arc::default(),
             prober,

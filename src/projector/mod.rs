@@ -229,7 +229,9 @@ impl Projector {
                     continue;
                 }
                 in_flight.push(async move {
+                    let started = tokio::time::Instant::now();
                     let result = this.project(&key).await;
+                    tracing::debug!(namespace = %key.0, service = %key.1, took = ?started.elapsed(), "projected");
                     (key, result)
                 });
             }
@@ -238,7 +240,11 @@ impl Projector {
                 let was = std::mem::replace(busy, !queue.is_idle());
                 was != *busy
             });
-            let ready = queue.next_ready();
+            // A service that waits for its delay wakes the loop; one that waits for a free
+            // worker does not (a finished projection does), or the loop would spin.
+            let ready = queue
+                .next_ready()
+                .filter(|_| queue.in_flight() < self.options.concurrency.max(1));
             let wake = async {
                 match ready {
                     Some(at) => tokio::time::sleep_until(at).await,
@@ -327,7 +333,12 @@ impl Projector {
             .get(&reflector::ObjectRef::new(service).within(ns))
             .filter(|s| !self.was_deleted(s));
         if members.is_empty() {
-            let ours = stored_service.as_deref().filter(|s| is_ours(s));
+            // Only a Service Roster has managed (it carries the label from its first
+            // projection on): one annotated for adoption before its first instance registers
+            // is the user's until then, and stays.
+            let ours = stored_service
+                .as_deref()
+                .filter(|s| has_labels(s.labels(), &[(MANAGED_BY_LABEL, MANAGED_BY)]));
             return self.clean_up(ns, service, ours).await;
         }
 
@@ -358,9 +369,22 @@ impl Projector {
                 ));
                 None
             }
-            stored => Some(owner_reference(
-                &self.apply_service(ns, service, &members, stored).await?,
+            // It exists: its uid is known, so the slices need not wait for its update (under a
+            // registration burst a Service write took the apiserver up to a second).
+            Some(svc) => Some(owner_reference(svc)),
+            // It must exist before anything it owns.
+            None => Some(owner_reference(
+                &self.apply_service(ns, service, &members, None).await?,
             )),
+        };
+        let service_update = async {
+            match stored_service.as_deref() {
+                Some(svc) if is_ours(svc) => self
+                    .apply_service(ns, service, &members, Some(svc))
+                    .await
+                    .map(drop),
+                _ => Ok(()),
+            }
         };
         // Routing (slices, Endpoints) and the JSON view are different objects: written side by
         // side, so neither waits for the other's round trip.
@@ -387,7 +411,8 @@ impl Projector {
             self.apply_config_map(ns, service, json, owner.clone())
                 .await
         };
-        let (routing, view) = tokio::join!(routing, view);
+        let (updated, routing, view) = tokio::join!(service_update, routing, view);
+        updated?;
         problems.extend(routing?);
         problems.extend(view?);
 

@@ -490,6 +490,55 @@ async fn a_users_service_is_left_alone_and_the_conflict_is_reported() {
     .await;
 }
 
+/// A Service created for adoption before its first instance registers (as the benchmark's
+/// are) is the user's until then: Roster does not delete it for having no instances, and the
+/// first instance is projected into it.
+#[tokio::test]
+async fn a_service_adopted_before_its_first_instance_is_kept_and_used() {
+    let client = harness::client().await;
+    let ns = TestNamespace::new(&client, "adoptearly").await;
+    let api: Api<ServiceInstance> = Api::namespaced(client.clone(), &ns.name);
+    let services: Api<Service> = Api::namespaced(client.clone(), &ns.name);
+    let _controller = ControllerProcess::start(&harness::kubeconfig().await, &ns.name);
+    // The projector runs (a term has started) before the Service appears.
+    api.create(&PostParams::default(), &instance("other", "o1", "10.3.1.1"))
+        .await
+        .expect("create");
+    await_slices(&client, &ns.name, "other", "o1 projected", |s| {
+        endpoint(s, "o1") == Some((true, true, false))
+    })
+    .await;
+    let early: Service = serde_json::from_value(json!({
+        "metadata": {"name": "early", "annotations": {"roster.dev/adopt": "true"}},
+        "spec": {"ports": [{"name": "http", "port": 8080}]},
+    }))
+    .expect("service");
+    let early = services
+        .create(&PostParams::default(), &early)
+        .await
+        .expect("create Service");
+    // Another instance, projected after the projector has been woken by the early Service.
+    api.create(&PostParams::default(), &instance("other", "o2", "10.3.1.3"))
+        .await
+        .expect("create");
+    await_slices(&client, &ns.name, "other", "o2 projected", |s| {
+        endpoint(s, "o2") == Some((true, true, false))
+    })
+    .await;
+    api.create(&PostParams::default(), &instance("early", "e1", "10.3.1.2"))
+        .await
+        .expect("create");
+    await_slices(&client, &ns.name, "early", "e1 projected", |s| {
+        endpoint(s, "e1") == Some((true, true, false))
+    })
+    .await;
+    let now = services.get("early").await.expect("the adopted Service");
+    assert_eq!(
+        now.metadata.uid, early.metadata.uid,
+        "the adopted Service was deleted (and created again) before its first instance came"
+    );
+}
+
 #[tokio::test]
 async fn kube_controller_managers_slice_controllers_do_not_fight_roster() {
     let client = harness::client().await;
