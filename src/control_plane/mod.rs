@@ -207,6 +207,13 @@ impl ControlPlane {
             terminate(child);
         }
         let (bin, args) = self.apiserver_command.clone();
+        // Whether a watch resumes or relists would otherwise depend on which write came last:
+        // one resuming from the very last revision is served. A write while no apiserver runs
+        // moves etcd past every revision a client saw, so the new watch cache starts after all
+        // of them and every watch gets 410 Gone.
+        if let Some(etcd) = args.iter().find_map(|a| a.strip_prefix("--etcd-servers=")) {
+            bump_etcd_revision(etcd).await?;
+        }
         self.apiserver = Some(self.spawn("kube-apiserver", &bin, &args)?);
         self.wait_ready().await
     }
@@ -424,6 +431,38 @@ fn log_tail(path: &Path, lines: usize) -> Option<String> {
     let text = std::fs::read_to_string(path).ok()?;
     let all: Vec<&str> = text.lines().collect();
     (!all.is_empty()).then(|| all[all.len().saturating_sub(lines)..].join("\n"))
+}
+
+/// Writes a key outside the apiserver's prefix through etcd's JSON gateway (`/v3/kv/put`),
+/// which moves etcd's revision on.
+async fn bump_etcd_revision(etcd: &str) -> Result<()> {
+    use http_body_util::{BodyExt, Full};
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    let body =
+        serde_json::json!({"key": b64("/roster-control-plane/revision"), "value": b64("bump")});
+    let request = http::Request::post(format!("{etcd}/v3/kv/put"))
+        .header("content-type", "application/json")
+        .body(Full::new(hyper::body::Bytes::from(body.to_string())))
+        .map_err(|e| Error::control_plane("build an etcd request")(e.into()))?;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Full<hyper::body::Bytes>>();
+    let response = client
+        .request(request)
+        .await
+        .map_err(|e| Error::control_plane("write to etcd")(e.into()))?;
+    let status = response.status();
+    let text = response
+        .into_body()
+        .collect()
+        .await
+        .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
+        .unwrap_or_default();
+    if !status.is_success() {
+        return Err(Error::control_plane("write to etcd")(
+            format!("{status}: {text}").into(),
+        ));
+    }
+    Ok(())
 }
 
 fn io_err(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
