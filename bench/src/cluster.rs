@@ -289,11 +289,38 @@ impl Controller {
         what: &str,
         timeout: Duration,
     ) -> Result<Duration> {
+        self.await_log(
+            || needles.iter().all(|n| self.count_logged(n) > 0),
+            what,
+            timeout,
+        )
+        .await
+    }
+
+    /// Waits until its log holds more than `before` lines with `needle`.
+    pub async fn await_logged_more(
+        &self,
+        needle: &str,
+        before: usize,
+        what: &str,
+        timeout: Duration,
+    ) -> Result<Duration> {
+        self.await_log(|| self.count_logged(needle) > before, what, timeout)
+            .await
+    }
+
+    /// Reads its log every 20 ms until `done`; returns how long after its start that was.
+    async fn await_log(
+        &self,
+        done: impl Fn() -> bool,
+        what: &str,
+        timeout: Duration,
+    ) -> Result<Duration> {
         let deadline = Instant::now() + timeout;
         let mut tick = tokio::time::interval(Duration::from_millis(20));
         loop {
             tick.tick().await;
-            if needles.iter().all(|n| self.count_logged(n) > 0) {
+            if done() {
                 return Ok(self.started.elapsed());
             }
             if Instant::now() > deadline {

@@ -208,7 +208,7 @@ async fn main() -> Result<()> {
     controller.await_leading(Duration::from_secs(60)).await?;
     // A standby beside the leader in every phase, as it runs in production (it watches and
     // judges all along, and takes over in the failover phase).
-    let standby = Controller::spawn(
+    let mut standby = Controller::spawn(
         &roster_bin,
         &controller_kubeconfig,
         "bench-1",
@@ -469,19 +469,33 @@ async fn main() -> Result<()> {
     tokio::time::sleep(Duration::from_secs(ttl + 2)).await; // pacing: a TTL after the resume
     let outage_removals = removals(&observer, &live, outage_t);
 
-    // Failover: the standby, running since the start, takes over from a killed leader.
+    // Failover: the standby, running since the start, takes over from a killed leader. The
+    // outage may have handed it the Lease already; then the restarted controller is the
+    // standby, and the standby the leader that is killed.
     eprintln!("roster: failover");
+    let standby_led = cluster
+        .acquired_at()
+        .await
+        .is_some_and(|h| h.starts_with("bench-1 "));
+    let (leader, survivor, survivor_id) = if standby_led {
+        (&mut standby, &controller, "bench-0")
+    } else {
+        (&mut controller, &standby, "bench-1")
+    };
+    let led_before = survivor.count_logged("became leader");
     let failover_t = Instant::now();
-    controller.kill().await;
-    // Takeover: until the election Lease names the standby; then until it says it leads (its
+    leader.kill().await;
+    // Takeover: until the election Lease names the survivor; then until it says it leads (its
     // caches synced at its start: a warm standby never relists to lead).
     let held = cluster
-        .await_holder("bench-1", Duration::from_secs(60))
+        .await_holder(survivor_id, Duration::from_secs(60))
         .await?;
     let takeover = held.duration_since(failover_t);
-    standby.await_leading(Duration::from_secs(60)).await?;
+    survivor
+        .await_logged_more("became leader", led_before, "lead", Duration::from_secs(60))
+        .await?;
     let serving = held.elapsed();
-    let standby_syncs = standby.count_logged("ServiceInstance cache synced");
+    let standby_syncs = survivor.count_logged("ServiceInstance cache synced");
     tokio::time::sleep(Duration::from_secs(ttl + 2)).await; // pacing: a TTL after the takeover
     let failover_removals = removals(&observer, &live, failover_t);
     load.shutdown();
@@ -645,7 +659,12 @@ async fn main() -> Result<()> {
                 && failover_removals == 0,
         ),
         note: format!(
-            "kill -9 to the Lease naming the standby; it logged that it leads {:.0} ms after that (log polled every 20 ms); its instance cache synced {standby_syncs} time(s), at its start; {failover_removals} wrongful removals until a TTL after",
+            "kill -9 to the Lease naming the standby{}; it logged that it leads {:.0} ms after that (log polled every 20 ms); its instance cache synced {standby_syncs} time(s), at its start; {failover_removals} wrongful removals until a TTL after",
+            if standby_led {
+                " (the standby had taken the Lease in the outage: the leader killed was it, the standby the restarted controller)"
+            } else {
+                ""
+            },
             serving.as_secs_f64() * 1000.0
         ),
     });
