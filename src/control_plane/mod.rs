@@ -211,11 +211,24 @@ impl ControlPlane {
         // one resuming from the very last revision is served. A write while no apiserver runs
         // moves etcd past every revision a client saw, so the new watch cache starts after all
         // of them and every watch gets 410 Gone.
-        if let Some(etcd) = args.iter().find_map(|a| a.strip_prefix("--etcd-servers=")) {
-            bump_etcd_revision(etcd).await?;
-        }
+        let bumped = match args.iter().find_map(|a| a.strip_prefix("--etcd-servers=")) {
+            // One server: the embedded control plane runs a single etcd.
+            Some(etcd) => {
+                let etcd = etcd.split(',').next().unwrap_or(etcd);
+                match tokio::time::timeout(Duration::from_secs(10), bump_etcd_revision(etcd)).await
+                {
+                    Ok(result) => result,
+                    Err(_) => Err(Error::control_plane("write to etcd")(
+                        "no answer within 10 s".into(),
+                    )),
+                }
+            }
+            None => Ok(()),
+        };
+        // Started whatever the write did: the control plane is never left without one.
         self.apiserver = Some(self.spawn("kube-apiserver", &bin, &args)?);
-        self.wait_ready().await
+        self.wait_ready().await?;
+        bumped
     }
 
     /// A client with the admin identity.

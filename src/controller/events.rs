@@ -62,7 +62,7 @@ pub(super) fn transition_event(timing: Timing, phase: Phase) -> Event {
 /// Awaiting each one on the reconcile's path doubled the time a transition took, and spawning
 /// each one at once sent a registration burst's Events (one per instance) to the apiserver all
 /// together, where the benchmark's audit log showed them costing it as much time as the
-/// registrations themselves while the slices waited. So they go out in order, a few at a time,
+/// registrations themselves while the slices waited. So they go out a few at a time,
 /// each waiting (a bounded time, so never starved) while the projector has work in hand, and
 /// only while the term lasts: an Event is a write, and another leader may be writing.
 pub(super) struct Events {
@@ -93,7 +93,8 @@ impl Events {
             self.term.clone(),
         );
         tokio::spawn(async move {
-            // The semaphore is fair: Events leave in the order they were published.
+            // The semaphore is fair, but tasks reach it in the order the runtime polls them:
+            // Events leave roughly in the order they were published, not strictly.
             let publish = async {
                 let Ok(_permit) = permits.acquire().await else {
                     return;
@@ -103,9 +104,11 @@ impl Events {
                     tracing::warn!(%name, reason = %event.reason, error = %e, "cannot publish Event");
                 }
             };
+            // The term first: nothing is written once it has ended.
             tokio::select! {
-                () = publish => {}
+                biased;
                 () = term.cancelled() => {}
+                () = publish => {}
             }
         });
     }

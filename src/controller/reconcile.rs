@@ -24,7 +24,7 @@ use super::{
 use crate::{
     Error, Result,
     api::ServiceInstance,
-    liveness::{self, Liveness, Sight, Signals, Timing},
+    liveness::{self, Liveness, Sight, Signals, Tick, Timing},
     metrics::Metrics,
     names::HEARTBEAT_ANNOTATION,
     probe,
@@ -139,9 +139,16 @@ pub(super) async fn reconcile(si: Arc<ServiceInstance>, ctx: Arc<Context>) -> Re
         }
         // The apiserver stalled for a quarter of the TTL or more within this silence: it may
         // have cost the instance heartbeats, so it gets a full TTL from the stall's end.
+        // Only the last TTL before the verdict counts: a live instance would have heartbeated
+        // in it (for `Expired`, whose window is deleteAfterSeconds long, an earlier stall says
+        // nothing about the heartbeats that should have followed it).
         if let Some(due) = judgement.due
             && let Some(end) = views.elector.contact().fresh_view(
-                views.instant(observed.silence_start()),
+                views.instant(
+                    observed
+                        .silence_start()
+                        .max(Tick(due.0.saturating_sub(timing.ttl))),
+                ),
                 views.instant(due),
                 timing.ttl,
             )

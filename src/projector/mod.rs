@@ -140,6 +140,21 @@ impl Busy {
     }
 }
 
+/// Marks the projector idle when its run ends.
+struct Idle<'a>(&'a watch::Sender<bool>);
+
+impl Drop for Idle<'_> {
+    fn drop(&mut self) {
+        self.0.send_replace(false);
+    }
+}
+
+/// A Service Roster has managed: it carries the label from its first projection on (an
+/// adopted one gets it then too).
+fn managed(svc: &Service) -> bool {
+    has_labels(svc.labels(), &[(MANAGED_BY_LABEL, MANAGED_BY)])
+}
+
 /// Stops a trigger sending when the projector's run ends.
 struct Deactivate<'a>(&'a Trigger);
 
@@ -205,6 +220,9 @@ impl Projector {
         while keys.try_recv().is_ok() {}
         trigger.active.store(true, Ordering::Relaxed);
         let _stop = Deactivate(&trigger);
+        // Nothing is in hand once the run ends (writers that yield to it must not wait on a
+        // projector that has stopped, as the status writer's drain at shutdown does).
+        let _idle = Idle(&self.state.busy);
         tokio::select! {
             () = self.synced.wait() => {}
             () = shutdown.cancelled() => return,
@@ -336,9 +354,7 @@ impl Projector {
             // Only a Service Roster has managed (it carries the label from its first
             // projection on): one annotated for adoption before its first instance registers
             // is the user's until then, and stays.
-            let ours = stored_service
-                .as_deref()
-                .filter(|s| has_labels(s.labels(), &[(MANAGED_BY_LABEL, MANAGED_BY)]));
+            let ours = stored_service.as_deref().filter(|s| managed(s));
             return self.clean_up(ns, service, ours).await;
         }
 
@@ -369,17 +385,19 @@ impl Projector {
                 ));
                 None
             }
-            // It exists: its uid is known, so the slices need not wait for its update (under a
-            // registration burst a Service write took the apiserver up to a second).
-            Some(svc) => Some(owner_reference(svc)),
-            // It must exist before anything it owns.
-            None => Some(owner_reference(
-                &self.apply_service(ns, service, &members, None).await?,
+            // Roster's already: its uid is known, so the slices need not wait for an update of
+            // its ports (under a registration burst a Service write took the apiserver up to a
+            // second).
+            Some(svc) if managed(svc) => Some(owner_reference(svc)),
+            // New, or being adopted: it must exist, and an adopted one must have lost its
+            // selector (kube-proxy would mix its pods with the instances), before any slice.
+            stored => Some(owner_reference(
+                &self.apply_service(ns, service, &members, stored).await?,
             )),
         };
         let service_update = async {
             match stored_service.as_deref() {
-                Some(svc) if is_ours(svc) => self
+                Some(svc) if managed(svc) => self
                     .apply_service(ns, service, &members, Some(svc))
                     .await
                     .map(drop),
