@@ -332,7 +332,7 @@ impl Projector {
             add(ep.namespace(), ep.metadata.name.as_ref());
         }
         for svc in self.caches.services.state() {
-            if has_labels(svc.labels(), &[(MANAGED_BY_LABEL, MANAGED_BY)]) {
+            if managed(&svc) {
                 add(svc.namespace(), svc.metadata.name.as_ref());
             }
         }

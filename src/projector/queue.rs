@@ -42,8 +42,9 @@ impl WorkQueue {
         }
     }
 
-    /// The next service that may start at `now`, marked active; the delay is the same for all,
-    /// so the front is always the first to be ready.
+    /// The next service that may start at `now`, marked active. Services start in the order
+    /// they were triggered: one behind a front that is still delayed waits for it, at most one
+    /// window.
     pub(super) fn next(&mut self, now: Instant) -> Option<ServiceKey> {
         match self.waiting.front() {
             Some((_, ready)) if *ready <= now => {}
