@@ -318,6 +318,7 @@ impl Registry {
     /// Returns the uid of an object of the same name that `si` replaced, to be forgotten.
     pub fn apply(&self, si: &ServiceInstance) -> Option<String> {
         let (changed, replaced) = self.with(|i| i.apply(si));
+        tracing::trace!(name = %si.name_any(), changed = !changed.is_empty(), "observed");
         self.wake(changed);
         replaced
     }
@@ -335,7 +336,9 @@ impl Registry {
     }
 
     pub fn judged(&self, namespace: &str, name: &str, uid: &str, phase: Phase) {
-        self.wake(self.with(|i| i.judged(namespace, name, uid, phase)));
+        let changed = self.with(|i| i.judged(namespace, name, uid, phase));
+        tracing::trace!(%namespace, %name, ?phase, changed = !changed.is_empty(), "judged");
+        self.wake(changed);
     }
 
     pub fn resync_started(&self) {

@@ -251,7 +251,11 @@ impl Controller {
         ])
         .args(extra)
         .env("ROSTER_LOG_FORMAT", "text")
-        .env("ROSTER_LOG_LEVEL", "info")
+        // ROSTER_BENCH_LOG_LEVEL (say "roster=trace") for a diagnostic run's controller logs.
+        .env(
+            "ROSTER_LOG_LEVEL",
+            std::env::var("ROSTER_BENCH_LOG_LEVEL").unwrap_or_else(|_| "info".into()),
+        )
         .env_remove("RUST_LOG")
         .stdin(Stdio::null())
         .stdout(Stdio::null())

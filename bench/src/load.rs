@@ -78,11 +78,16 @@ impl Load {
         }
     }
 
-    /// Registers every instance (64 requests in flight); returns when each create was sent,
-    /// by address. Each is created already carrying a heartbeat (annotation, or a fresh Lease).
-    pub async fn register(&self, ttl_seconds: i32) -> Result<HashMap<String, Instant>> {
+    /// Registers instances `which` (64 requests in flight); returns when each create was
+    /// sent, by address. Each is created already carrying a heartbeat (annotation, or a fresh
+    /// Lease).
+    pub async fn register(
+        &self,
+        which: std::ops::Range<usize>,
+        ttl_seconds: i32,
+    ) -> Result<HashMap<String, Instant>> {
         let sent = Mutex::new(HashMap::new());
-        futures::stream::iter(0..self.n)
+        futures::stream::iter(which)
             .map(|i| {
                 let sent = &sent;
                 async move {

@@ -344,6 +344,7 @@ impl Projector {
         let (ns, service) = key;
         let instances = self.registry.members(key);
         let members: Vec<Backend> = instances.iter().map(|e| e.backend().clone()).collect();
+        tracing::trace!(%ns, %service, members = members.len(), ready = members.iter().filter(|m| m.conditions().ready).count(), "projecting");
 
         let stored_service = self
             .caches
@@ -391,9 +392,12 @@ impl Projector {
             Some(svc) if managed(svc) => Some(owner_reference(svc)),
             // New, or being adopted: it must exist, and an adopted one must have lost its
             // selector (kube-proxy would mix its pods with the instances), before any slice.
-            stored => Some(owner_reference(
-                &self.apply_service(ns, service, &members, stored).await?,
-            )),
+            stored => {
+                let started = tokio::time::Instant::now();
+                let applied = self.apply_service(ns, service, &members, stored).await?;
+                tracing::trace!(%ns, %service, took = ?started.elapsed(), "service applied");
+                Some(owner_reference(&applied))
+            }
         };
         let service_update = async {
             match stored_service.as_deref() {
@@ -410,7 +414,9 @@ impl Projector {
             let Some(owner) = &owner else {
                 return Ok(None);
             };
+            let started = tokio::time::Instant::now();
             self.apply_slices(ns, service, &endpoints, owner).await?;
+            tracing::trace!(%ns, %service, took = ?started.elapsed(), "slices applied");
             self.apply_endpoints(ns, service, &endpoints, owner).await
         };
         let view = async {
@@ -426,8 +432,12 @@ impl Projector {
                     ),
                 )));
             }
-            self.apply_config_map(ns, service, json, owner.clone())
-                .await
+            let started = tokio::time::Instant::now();
+            let applied = self
+                .apply_config_map(ns, service, json, owner.clone())
+                .await;
+            tracing::trace!(%ns, %service, took = ?started.elapsed(), "config map applied");
+            applied
         };
         let (updated, routing, view) = tokio::join!(service_update, routing, view);
         updated?;
