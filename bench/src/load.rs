@@ -50,6 +50,8 @@ pub struct Load {
     stopped: Arc<Vec<AtomicBool>>,
     /// Heartbeats answered with success.
     pub sent: Arc<AtomicU64>,
+    /// Heartbeats sent and not answered yet.
+    in_flight: Arc<AtomicU64>,
     /// Target rate, in heartbeats per 1000 s.
     rate_milli: Arc<AtomicU64>,
     /// (sent at, latency ms) of each heartbeat.
@@ -71,6 +73,7 @@ impl Load {
             last_beat: Arc::new((0..n).map(|_| AtomicU64::new(0)).collect()),
             stopped: Arc::new((0..n).map(|_| AtomicBool::new(false)).collect()),
             sent: Arc::default(),
+            in_flight: Arc::default(),
             rate_milli: Arc::default(),
             latencies: Arc::default(),
             answered: Mutex::default(),
@@ -193,9 +196,12 @@ impl Load {
                         return;
                     };
                     let load = load.clone();
+                    load.in_flight.fetch_add(1, Ordering::Relaxed);
                     tokio::spawn(async move {
                         let sent = Instant::now();
-                        if load.beat(i).await.is_ok() {
+                        let beat = load.beat(i).await;
+                        load.in_flight.fetch_sub(1, Ordering::Relaxed);
+                        if beat.is_ok() {
                             load.beat_answered(i);
                             load.sent.fetch_add(1, Ordering::Relaxed);
                             let ms = sent.elapsed().as_secs_f64() * 1000.0;
@@ -209,6 +215,29 @@ impl Load {
                 }
             }
         });
+    }
+
+    /// Waits until no more than `most` heartbeats have been in flight for a whole second,
+    /// for at most `limit`; returns how long it waited. A rate past the apiserver's knee
+    /// leaves it a backlog of seconds after the rate drops, which the next phase would
+    /// otherwise measure instead of what it is about.
+    pub async fn calm(&self, most: u64, limit: Duration) -> Result<Duration> {
+        let started = Instant::now();
+        let mut calm_since = None;
+        loop {
+            let now = Instant::now();
+            if self.in_flight.load(Ordering::Relaxed) > most {
+                calm_since = None;
+            } else if now.duration_since(*calm_since.get_or_insert(now)) >= Duration::from_secs(1) {
+                return Ok(started.elapsed());
+            }
+            anyhow::ensure!(
+                started.elapsed() < limit,
+                "the apiserver still had over {most} heartbeats in flight after {limit:?}"
+            );
+            // Polling: the in-flight count has no change notification.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     async fn beat(&self, i: usize) -> kube::Result<()> {

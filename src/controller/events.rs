@@ -212,3 +212,117 @@ pub(super) async fn announce(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::ServiceInstanceSpec;
+    use http::{Request, Response};
+    use kube::{Client, client::Body, runtime::events::Reporter};
+
+    type Apiserver = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+    type Respond = tower_test::mock::SendResponse<Response<Body>>;
+
+    fn instance(name: &str) -> ServiceInstance {
+        let mut si =
+            ServiceInstance::new(name, ServiceInstanceSpec::new("web", "10.0.0.1", vec![]));
+        si.metadata.namespace = Some("ns".into());
+        si.metadata.uid = Some(format!("u-{name}"));
+        si
+    }
+
+    /// The next request within `limit`, if one comes.
+    async fn request(
+        apiserver: &mut Apiserver,
+        limit: Duration,
+    ) -> Option<(Request<Body>, Respond)> {
+        tokio::time::timeout(limit, apiserver.next_request())
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// Answers an Event create with the Event it was sent.
+    async fn answer(request: Request<Body>, respond: Respond) {
+        assert_eq!(request.method(), http::Method::POST);
+        assert_eq!(
+            request.uri().path(),
+            "/apis/events.k8s.io/v1/namespaces/ns/events"
+        );
+        let body = request.into_body().collect_bytes().await.expect("body");
+        respond.send_response(
+            Response::builder()
+                .status(201)
+                .body(Body::from(body.to_vec()))
+                .expect("response"),
+        );
+    }
+
+    /// The lane against a mocked apiserver: nothing is sent while the projector is busy (up
+    /// to the yield limit), then at most four at a time, and nothing once the term has ended.
+    #[tokio::test]
+    async fn events_yield_to_the_projection_go_four_at_a_time_and_end_with_the_term() {
+        let (service, mut apiserver) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let recorder = Recorder::new(
+            Client::new(service, "default"),
+            Reporter {
+                controller: "roster.dev/controller".into(),
+                instance: None,
+            },
+        );
+        let (busy, projection) = Busy::manual();
+        busy.send_replace(true);
+        let term = CancellationToken::new();
+        let events = Events::new(projection, term.clone());
+        let timing = Timing {
+            ttl: Duration::from_secs(30),
+            delete_after: None,
+        };
+        for i in 0..6 {
+            events.publish(
+                &recorder,
+                &instance(&format!("i-{i}")),
+                transition_event(timing, Phase::Ready),
+            );
+        }
+        assert!(
+            request(&mut apiserver, Duration::from_millis(200))
+                .await
+                .is_none(),
+            "an Event was sent while the projector was busy"
+        );
+        busy.send_replace(false);
+        let mut held = Vec::new();
+        for _ in 0..EVENTS_IN_FLIGHT {
+            held.push(
+                request(&mut apiserver, Duration::from_secs(5))
+                    .await
+                    .expect("an Event once the projector is idle"),
+            );
+        }
+        assert!(
+            request(&mut apiserver, Duration::from_millis(200))
+                .await
+                .is_none(),
+            "more than {EVENTS_IN_FLIGHT} Events in flight"
+        );
+        // One answered: the fifth goes.
+        let (first, respond) = held.remove(0);
+        answer(first, respond).await;
+        let (fifth, respond) = request(&mut apiserver, Duration::from_secs(5))
+            .await
+            .expect("the fifth Event once one is answered");
+        // The term ends: the sixth, still waiting for a permit, is never sent.
+        term.cancel();
+        answer(fifth, respond).await;
+        for (request, respond) in held {
+            answer(request, respond).await;
+        }
+        assert!(
+            request(&mut apiserver, Duration::from_millis(300))
+                .await
+                .is_none(),
+            "an Event was sent after its term ended"
+        );
+    }
+}

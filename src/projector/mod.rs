@@ -133,6 +133,13 @@ impl Default for Busy {
 }
 
 impl Busy {
+    /// A projector's busy flag that a test sets by hand.
+    #[cfg(test)]
+    pub fn manual() -> (watch::Sender<bool>, Busy) {
+        let (tx, rx) = watch::channel(false);
+        (tx, Busy(rx))
+    }
+
     /// Returns once the projector has nothing in hand, or after `limit`.
     pub async fn idle_within(&self, limit: Duration) {
         let mut busy = self.0.clone();
@@ -260,9 +267,7 @@ impl Projector {
             });
             // A service that waits for its delay wakes the loop; one that waits for a free
             // worker does not (a finished projection does), or the loop would spin.
-            let ready = queue
-                .next_ready()
-                .filter(|_| queue.in_flight() < self.options.concurrency.max(1));
+            let ready = queue.wake_at(self.options.concurrency);
             let wake = async {
                 match ready {
                     Some(at) => tokio::time::sleep_until(at).await,
