@@ -233,7 +233,7 @@ impl Load {
             }
             anyhow::ensure!(
                 started.elapsed() < limit,
-                "the apiserver still had over {most} heartbeats in flight after {limit:?}"
+                "over {most} heartbeats were still in flight after {limit:?}"
             );
             // Polling: the in-flight count has no change notification.
             tokio::time::sleep(Duration::from_millis(50)).await;

@@ -32,13 +32,12 @@ pub struct Peer {
     pods: Api<Pod>,
     /// When each Pod's ready status was answered, by IP.
     pub answered: Mutex<HashMap<String, Instant>>,
-    n: usize,
     services: usize,
 }
 
 impl Peer {
     /// The Node the pods are bound to and the Services with selectors.
-    pub async fn create(admin: &Client, load: &Client, n: usize, services: usize) -> Result<Peer> {
+    pub async fn create(admin: &Client, load: &Client, services: usize) -> Result<Peer> {
         let node: Node = serde_json::from_value(json!({"metadata": {"name": NODE}}))?;
         Api::<Node>::all(admin.clone())
             .create(&PostParams::default(), &node)
@@ -55,17 +54,20 @@ impl Peer {
         Ok(Peer {
             pods,
             answered: Mutex::default(),
-            n,
             services,
         })
     }
 
-    /// Creates every Pod and, at once, marks it running and ready, as a kubelet that starts
-    /// containers instantly would (64 in flight, as Roster's registrations); returns when each
-    /// create was sent, by IP: the same clock start as a Roster instance's registration.
-    pub async fn register(&self) -> Result<HashMap<String, Instant>> {
+    /// Creates the Pods `which` and, at once, marks each running and ready, as a kubelet that
+    /// starts containers instantly would (64 in flight, as Roster's registrations); returns
+    /// when each create was sent, by IP: the same clock start as a Roster instance's
+    /// registration.
+    pub async fn register(
+        &self,
+        which: std::ops::Range<usize>,
+    ) -> Result<HashMap<String, Instant>> {
         let sent = Mutex::new(HashMap::new());
-        futures::stream::iter(0..self.n)
+        futures::stream::iter(which)
             .map(|i| {
                 let sent = &sent;
                 async move {

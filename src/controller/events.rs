@@ -258,11 +258,14 @@ mod tests {
         );
     }
 
-    /// The lane against a mocked apiserver: nothing is sent while the projector is busy (up
-    /// to the yield limit), then at most four at a time, and nothing once the term has ended.
-    #[tokio::test]
-    async fn events_yield_to_the_projection_go_four_at_a_time_and_end_with_the_term() {
-        let (service, mut apiserver) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    fn lane() -> (
+        Apiserver,
+        Recorder,
+        tokio::sync::watch::Sender<bool>,
+        CancellationToken,
+        Events,
+    ) {
+        let (service, apiserver) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
         let recorder = Recorder::new(
             Client::new(service, "default"),
             Reporter {
@@ -274,16 +277,25 @@ mod tests {
         busy.send_replace(true);
         let term = CancellationToken::new();
         let events = Events::new(projection, term.clone());
+        (apiserver, recorder, busy, term, events)
+    }
+
+    fn ready() -> Event {
         let timing = Timing {
             ttl: Duration::from_secs(30),
             delete_after: None,
         };
+        transition_event(timing, Phase::Ready)
+    }
+
+    /// The lane against a mocked apiserver, on a paused clock: nothing is sent while the
+    /// projector is busy, everything that may go goes the moment it is idle, at most four at a
+    /// time, and nothing once the term has ended.
+    #[tokio::test(start_paused = true)]
+    async fn events_yield_to_the_projection_go_four_at_a_time_and_end_with_the_term() {
+        let (mut apiserver, recorder, busy, term, events) = lane();
         for i in 0..6 {
-            events.publish(
-                &recorder,
-                &instance(&format!("i-{i}")),
-                transition_event(timing, Phase::Ready),
-            );
+            events.publish(&recorder, &instance(&format!("i-{i}")), ready());
         }
         assert!(
             request(&mut apiserver, Duration::from_millis(200))
@@ -295,9 +307,9 @@ mod tests {
         let mut held = Vec::new();
         for _ in 0..EVENTS_IN_FLIGHT {
             held.push(
-                request(&mut apiserver, Duration::from_secs(5))
+                request(&mut apiserver, Duration::from_millis(1))
                     .await
-                    .expect("an Event once the projector is idle"),
+                    .expect("an Event the moment the projector is idle"),
             );
         }
         assert!(
@@ -309,7 +321,7 @@ mod tests {
         // One answered: the fifth goes.
         let (first, respond) = held.remove(0);
         answer(first, respond).await;
-        let (fifth, respond) = request(&mut apiserver, Duration::from_secs(5))
+        let (fifth, respond) = request(&mut apiserver, Duration::from_millis(1))
             .await
             .expect("the fifth Event once one is answered");
         // The term ends: the sixth, still waiting for a permit, is never sent.
@@ -319,10 +331,26 @@ mod tests {
             answer(request, respond).await;
         }
         assert!(
-            request(&mut apiserver, Duration::from_millis(300))
+            request(&mut apiserver, Duration::from_secs(5))
                 .await
                 .is_none(),
             "an Event was sent after its term ended"
         );
+    }
+
+    /// A projector that stays busy holds an Event back for the yield limit, not longer.
+    #[tokio::test(start_paused = true)]
+    async fn an_event_waits_for_a_busy_projection_at_most_the_yield_limit() {
+        let (mut apiserver, recorder, _busy, _term, events) = lane();
+        events.publish(&recorder, &instance("i-0"), ready());
+        let almost = YIELD_TO_PROJECTION - Duration::from_millis(1);
+        assert!(
+            request(&mut apiserver, almost).await.is_none(),
+            "sent before the yield limit while the projector was busy"
+        );
+        let (request, respond) = request(&mut apiserver, Duration::from_millis(2))
+            .await
+            .expect("sent at the yield limit");
+        answer(request, respond).await;
     }
 }
