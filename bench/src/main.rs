@@ -365,6 +365,10 @@ async fn main() -> Result<()> {
         load.shutdown();
         return Ok(());
     }
+    // The registration's transition Events go out behind the projection and status writes
+    // (docs/registry.md), and at 5000 instances still did for 30 s after every status was
+    // Ready: they are the registration's writes too, not the steady heartbeats'.
+    let events_waited = await_events(&load_client, "Ready", n, reg_timeout).await;
     settle().await;
     let reg_window = Window {
         from: reg_from,
@@ -644,7 +648,7 @@ async fn main() -> Result<()> {
         peer: None,
         target: "0".into(),
         met: per_beat.map(|w| w == 0.0),
-        note: format!("{roster_writes_steady} writes (all but its election Lease's renewals) during {heartbeats} heartbeats"),
+        note: format!("{roster_writes_steady} writes (all but its election Lease's renewals) during {heartbeats} heartbeats, after the registration's {events_waited} Ready Events"),
     });
     let per_transition = (slice_writes + cm_writes) as f64 / k as f64;
     metrics.push(Metric {
@@ -865,6 +869,41 @@ fn removals(observer: &Observer, live: &HashSet<String>, since: Instant) -> usiz
 /// Lets the last writes of a phase land before its window closes (pacing, not synchronisation:
 /// every phase first awaits what it measures).
 /// Waits, through a watch, until `want` instances show phase Ready in their status.
+/// Waits until the controller has sent `want` Events of `reason` about the instances, or no
+/// more come for 3 s (Events are best effort: a term that ends drops those not yet sent), at
+/// most `timeout`; returns how many it saw.
+async fn await_events(
+    client: &kube::Client,
+    reason: &str,
+    want: usize,
+    timeout: Duration,
+) -> usize {
+    use k8s_openapi::api::core::v1::Event;
+    let api: Api<Event> = Api::namespaced(client.clone(), load::NAMESPACE);
+    let params = kube::api::ListParams::default().fields(&format!(
+        "reason={reason},involvedObject.kind=ServiceInstance"
+    ));
+    let started = Instant::now();
+    let (mut seen, mut unchanged_since) = (0, Instant::now());
+    while started.elapsed() < timeout {
+        let count = api
+            .list_metadata(&params)
+            .await
+            .map_or(seen, |l| l.items.len());
+        if count >= want {
+            return count;
+        }
+        if count != seen {
+            (seen, unchanged_since) = (count, Instant::now());
+        } else if unchanged_since.elapsed() >= Duration::from_secs(3) {
+            break;
+        }
+        // Polling: a count of Events has no change notification worth a watch here.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    seen
+}
+
 async fn await_statuses_ready(client: &kube::Client, want: usize, timeout: Duration) -> Result<()> {
     use futures::StreamExt;
     use kube::runtime::{WatchStreamExt, reflector, watcher};
