@@ -3,15 +3,20 @@
 
 use std::{
     collections::BTreeSet,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
-use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::{coordination::v1::Lease, discovery::v1::EndpointSlice};
 use kube::{
     Api,
     api::{ListParams, PostParams},
 };
-use roster::api::{Phase, ServiceInstance};
+use roster::{
+    api::{Phase, ServiceInstance},
+    leader,
+};
+use tokio_util::sync::CancellationToken;
 
 use crate::{
     harness::{
@@ -149,6 +154,82 @@ async fn a_warm_standby_takes_over_from_a_killed_leader_on_its_own_clock() {
     // Nothing else changed state: the steady instances stayed Ready through the failover.
     assert_eq!(left_ready(&history, &steady), Vec::<String>::new());
     assert_eq!(history.deleted(), Vec::<String>::new());
+}
+
+/// A standby watches the election Lease: it takes over `leaseDuration` after the dead leader's
+/// last renewal, as it saw it through the watch, not at its next poll (client-go's candidates
+/// see renewals only when they poll, and take over up to two retry periods late).
+#[tokio::test]
+async fn a_standby_takes_over_when_the_watched_lease_runs_out_not_at_its_next_poll() {
+    let _timing = harness::timing().await;
+    let client = harness::client().await;
+    let ns = TestNamespace::new(&client, "election").await;
+    let params = |identity: &str, retry_period| leader::Params {
+        name: "election".into(),
+        namespace: ns.name.clone(),
+        identity: identity.into(),
+        lease_duration: Duration::from_secs(3),
+        renew_deadline: Duration::from_secs(2),
+        retry_period,
+    };
+    let a = Arc::new(leader::Elector::new(
+        client.clone(),
+        params("a", Duration::from_millis(500)),
+    ));
+    assert!(a.acquire(&CancellationToken::new(), || {}).await);
+    let a_term = CancellationToken::new();
+    let a_holds = tokio::spawn({
+        let (a, term) = (a.clone(), a_term.clone());
+        async move { a.hold(&term).await }
+    });
+
+    // b polls once a minute: every renewal of a's after its first poll reaches it by the watch.
+    let b = Arc::new(leader::Elector::new(
+        client.clone(),
+        params("b", Duration::from_secs(60)),
+    ));
+    let stood_by = Arc::new(tokio::sync::Notify::new());
+    let b_leads = tokio::spawn({
+        let (b, stood_by) = (b.clone(), stood_by.clone());
+        async move {
+            b.acquire(&CancellationToken::new(), || stood_by.notify_one())
+                .await
+        }
+    });
+    tokio::time::timeout(TIMEOUT, stood_by.notified())
+        .await
+        .expect("b stands by");
+    // a renews after b's poll, then dies without releasing the Lease. Without the watch, b
+    // would see that renewal only when it polled again at the expiry of what it had seen (3 s
+    // after its poll) and take over 3 s after that: over 5 s after the death.
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &ns.name);
+    let renewed = |lease: &Lease| lease.spec.as_ref().and_then(|s| s.renew_time.clone());
+    let polled = renewed(&leases.get("election").await.expect("the Lease"));
+    wait_for(
+        &leases,
+        "election",
+        "a renews",
+        TIMEOUT,
+        move |l: Option<&Lease>| l.is_some_and(|l| renewed(l) != polled),
+    )
+    .await;
+    a_holds.abort();
+    let died = Instant::now();
+
+    let led = tokio::time::timeout(TIMEOUT, b_leads)
+        .await
+        .expect("b leads before its next poll")
+        .expect("b's task");
+    let took = died.elapsed();
+    assert!(led);
+    // a's last renewal was at most a retry period (0.5 s) before it died; b took the Lease
+    // 3 s after it saw that renewal.
+    assert!(
+        took <= Duration::from_millis(3000 + 1500),
+        "took over {took:?} after the leader died"
+    );
+    let holder = leases.get("election").await.expect("the Lease").spec;
+    assert_eq!(holder.and_then(|s| s.holder_identity).as_deref(), Some("b"));
 }
 
 /// `n` names `<prefix>-<i>`.

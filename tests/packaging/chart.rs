@@ -610,6 +610,7 @@ fn serving(ns: &str) -> Vec<Access<'_>> {
         // Election, in the release's namespace.
         can("get", "leases.coordination.k8s.io", RELEASE_NS).named("roster"),
         can("update", "leases.coordination.k8s.io", RELEASE_NS).named("roster"),
+        can("watch", "leases.coordination.k8s.io", RELEASE_NS).named("roster"),
     ]
 }
 
