@@ -189,6 +189,8 @@ pub(super) struct Watching {
     projection: projector::Trigger,
     projection_keys: projector::Keys,
     recorder: Recorder,
+    /// Who reports Events: transition Events are created without the `Recorder` (events.rs).
+    reporter: Reporter,
     /// Reconciles every instance: after a relist, and when a term starts.
     reconcile_all: futures::channel::mpsc::UnboundedSender<()>,
     /// Where health checks report verdict changes.
@@ -335,7 +337,7 @@ pub(super) fn watch(settings: &Settings, process: &Process) -> Result<Watching> 
             .ok()
             .or_else(|| std::env::var("HOSTNAME").ok()),
     };
-    let recorder = Recorder::new(client.clone(), reporter);
+    let recorder = Recorder::new(client.clone(), reporter.clone());
     tokio::spawn(report_undecodable(
         undecodable_rx,
         recorder.clone(),
@@ -351,7 +353,6 @@ pub(super) fn watch(settings: &Settings, process: &Process) -> Result<Watching> 
         shutdown.clone(),
     ));
     let ctx = Arc::new(Context {
-        recorder: recorder.clone(),
         client,
         metrics: metrics.clone(),
         leases: lease_reader,
@@ -396,6 +397,7 @@ pub(super) fn watch(settings: &Settings, process: &Process) -> Result<Watching> 
         projection,
         projection_keys,
         recorder,
+        reporter,
         reconcile_all: relist_tx,
         requeue: requeue_tx,
         reconciles_stopped,
@@ -442,6 +444,8 @@ pub(super) async fn lead(
             term.clone(),
         ),
         projector.busy(),
+        client.clone(),
+        watching.reporter.clone(),
     ));
     views.term.send_replace(Some(current.clone()));
     for si in watching.instances.state() {

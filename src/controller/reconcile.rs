@@ -11,7 +11,7 @@ use kube::{
     Api, Client, ResourceExt,
     runtime::{
         controller::Action,
-        events::{Event, EventType, Recorder},
+        events::{Event, EventType},
         reflector::{ObjectRef, Store},
     },
 };
@@ -36,7 +36,6 @@ use crate::{
 pub(super) struct Context {
     pub(super) client: Client,
     pub(super) metrics: Arc<Metrics>,
-    pub(super) recorder: Recorder,
     pub(super) leases: Store<Lease>,
     pub(super) views: Arc<Views>,
     /// TTL and deletion for instances that leave them unset.
@@ -257,7 +256,7 @@ pub(super) async fn reconcile(si: Arc<ServiceInstance>, ctx: Arc<Context>) -> Re
             } else {
                 transition_event(timing, phase)
             };
-            term.events.publish(&ctx.recorder, &si, event);
+            term.events.publish(&si, &event);
         }
     }
     Ok(next)

@@ -33,9 +33,15 @@ pub(super) struct Term {
 }
 
 impl Term {
-    pub(super) fn new(token: CancellationToken, prober: Prober, projection: Busy) -> Term {
+    pub(super) fn new(
+        token: CancellationToken,
+        prober: Prober,
+        projection: Busy,
+        client: kube::Client,
+        reporter: kube::runtime::events::Reporter,
+    ) -> Term {
         Term {
-            events: Events::new(projection, token.clone()),
+            events: Events::new(client, reporter, projection, token.clone()),
             token,
             writer: std::sync::Arc::default(),
             prober,
