@@ -24,7 +24,7 @@ use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::{
     Api, Client,
-    api::{ApiResource, DynamicObject, ListParams},
+    api::ListParams,
     runtime::{
         WatchStreamExt,
         controller::{self, Controller},
@@ -41,7 +41,7 @@ use crate::{
     api::ServiceInstance,
     leader::{self, TermEnd},
     metrics::Metrics,
-    names::{HEARTBEAT_ANNOTATION, REPORTER},
+    names::REPORTER,
     prober, projector,
     protection::{self},
     registry::Registry,
@@ -275,22 +275,20 @@ pub(super) fn watch(settings: &Settings, process: &Process) -> Result<Watching> 
     let (relist_tx, relist_rx) = futures::channel::mpsc::unbounded::<()>();
     let relisted = relist_tx.clone();
     // No generation predicate: annotation heartbeats do not bump the generation. Objects are
-    // watched raw and decoded one by one, so one that cannot be decoded is skipped instead of
-    // failing every list (and stalling the watch).
+    // decoded one by one, each from its own text, so one that cannot be decoded is skipped
+    // instead of failing every list (and stalling the watch).
     let (undecodable_tx, undecodable_rx) = futures::channel::mpsc::unbounded();
     let decoder = Decoder {
         bad: Mutex::default(),
         metrics: metrics.clone(),
         report: undecodable_tx,
     };
-    let raw = ApiResource::erase::<ServiceInstance>(&());
-    let raw: Api<DynamicObject> = match settings.namespace.as_deref() {
-        Some(ns) => Api::namespaced_with(client.clone(), ns, &raw),
-        None => Api::all_with(client.clone(), &raw),
+    let incoming: Api<decode::Incoming> = match settings.namespace.as_deref() {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
     };
-    let events = watcher(raw, watcher::Config::default())
+    let events = watcher(incoming, watcher::Config::default())
         .default_backoff()
-        .modify(|obj| crate::cache::prune(&mut obj.metadata, &[HEARTBEAT_ANNOTATION]))
         .filter_map(move |event| futures::future::ready(decoder.decode(event)))
         .reflect(writer)
         .inspect(move |event| {
