@@ -80,8 +80,16 @@ pub(super) fn transition_event(timing: Timing, phase: Phase) -> Event {
 /// each publish scanned it. The Event created here is the one the `Recorder` creates for a
 /// first occurrence.
 pub(super) struct Events {
-    queue: tokio::sync::mpsc::UnboundedSender<K8sEvent>,
-    reporter: Reporter,
+    queue: tokio::sync::mpsc::UnboundedSender<Queued>,
+}
+
+/// An Event waiting in the lane: what it is about and when, kept small (a registration of
+/// 10 000 queues 10 000 of them; as whole Event objects they held 12 MB, per heaptrack), and
+/// made into the Event object when its turn comes.
+struct Queued {
+    regarding: ObjectReference,
+    event: Event,
+    at: Timestamp,
 }
 
 /// Events in flight at once.
@@ -97,14 +105,15 @@ impl Events {
         projection: Busy,
         term: CancellationToken,
     ) -> Events {
-        let (queue, mut pending) = tokio::sync::mpsc::unbounded_channel::<K8sEvent>();
+        let (queue, mut pending) = tokio::sync::mpsc::unbounded_channel::<Queued>();
         let permits = Arc::new(Semaphore::new(EVENTS_IN_FLIGHT));
         let lane_term = term.clone();
         let lane = async move {
-            while let Some(event) = pending.recv().await {
+            while let Some(queued) = pending.recv().await {
                 let Ok(permit) = permits.clone().acquire_owned().await else {
                     return;
                 };
+                let event = event_object(&reporter, &queued.event, queued.regarding, queued.at);
                 let (client, projection) = (client.clone(), projection.clone());
                 tokio::spawn(lane_term.clone().run_until_cancelled_owned(async move {
                     let _permit = permit;
@@ -119,14 +128,18 @@ impl Events {
             }
         };
         tokio::spawn(term.clone().run_until_cancelled_owned(lane));
-        Events { queue, reporter }
+        Events { queue }
     }
 
     /// Queues `event` about `si`, stamped now.
-    pub(super) fn publish(&self, si: &ServiceInstance, event: &Event) {
-        let event = event_object(&self.reporter, event, si.object_ref(&()), Timestamp::now());
+    pub(super) fn publish(&self, si: &ServiceInstance, event: Event) {
+        let queued = Queued {
+            regarding: si.object_ref(&()),
+            event,
+            at: Timestamp::now(),
+        };
         // Closed only once the term has ended, when nothing more is written.
-        let _ = self.queue.send(event);
+        let _ = self.queue.send(queued);
     }
 }
 
@@ -354,7 +367,7 @@ mod tests {
     async fn events_yield_to_the_projection_go_four_at_a_time_and_end_with_the_term() {
         let (mut apiserver, busy, term, events) = lane();
         for i in 0..6 {
-            events.publish(&instance(&format!("i-{i}")), &ready());
+            events.publish(&instance(&format!("i-{i}")), ready());
         }
         assert!(
             request(&mut apiserver, Duration::from_millis(200))
@@ -401,7 +414,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_event_waits_for_a_busy_projection_at_most_the_yield_limit() {
         let (mut apiserver, _busy, _term, events) = lane();
-        events.publish(&instance("i-0"), &ready());
+        events.publish(&instance("i-0"), ready());
         let almost = YIELD_TO_PROJECTION - Duration::from_millis(1);
         assert!(
             request(&mut apiserver, almost).await.is_none(),

@@ -53,7 +53,7 @@ pub(super) async fn expire(
                 action: "Delete".into(),
                 secondary: None,
             };
-            term.events.publish(si, &event);
+            term.events.publish(si, event);
             Ok(Action::await_change())
         }
         // Changed (a heartbeat?): judge again once the watch brings the new state.

@@ -256,7 +256,7 @@ pub(super) async fn reconcile(si: Arc<ServiceInstance>, ctx: Arc<Context>) -> Re
             } else {
                 transition_event(timing, phase)
             };
-            term.events.publish(&si, &event);
+            term.events.publish(&si, event);
         }
     }
     Ok(next)
