@@ -70,8 +70,8 @@ pub(super) fn transition_event(timing: Timing, phase: Phase) -> Event {
 /// registrations themselves while the slices waited. So they queue, in the order published,
 /// and go out a few at a time, each waiting (a bounded time, so never starved) while the
 /// projector has work in hand, and only while the term lasts: an Event is a write, and another
-/// leader may be writing. What waits is the Event itself, not a task per Event (a task each
-/// held 3 KB: 28 MB during a registration of 10 000).
+/// leader may be writing. What waits is a small record of the Event, not a task per Event (a
+/// task each held 3 KB: 28 MB during a registration of 10 000).
 ///
 /// Why not kube's `Recorder` here: it keeps every Event it sent for six minutes, in a map it
 /// scans on every publish, to turn repeats into a series. A transition's Event names the

@@ -275,8 +275,8 @@ pub(super) fn watch(settings: &Settings, process: &Process) -> Result<Watching> 
     let (relist_tx, relist_rx) = futures::channel::mpsc::unbounded::<()>();
     let relisted = relist_tx.clone();
     // No generation predicate: annotation heartbeats do not bump the generation. Objects are
-    // decoded one by one, each from its own text, so one that cannot be decoded is skipped
-    // instead of failing every list (and stalling the watch).
+    // decoded one by one (`decode::Incoming`), so one that cannot be decoded is skipped instead
+    // of failing every list (and stalling the watch).
     let (undecodable_tx, undecodable_rx) = futures::channel::mpsc::unbounded();
     let decoder = Decoder {
         bad: Mutex::default(),
