@@ -3,9 +3,16 @@
 //! go, and annotations go except the ones Roster acts on (`kubectl apply` alone adds a copy of
 //! the whole object as `last-applied-configuration`).
 
-use std::collections::{BTreeSet, HashMap};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    hash::{BuildHasher, RandomState},
+    sync::LazyLock,
+};
 
+use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::ObjectMeta;
+
+use crate::names::CONFIG_KEY;
 
 /// Drops managed fields, and every annotation not in `keep`.
 pub fn prune(meta: &mut ObjectMeta, keep: &[&str]) {
@@ -16,6 +23,34 @@ pub fn prune(meta: &mut ObjectMeta, keep: &[&str]) {
             meta.annotations = None;
         }
     }
+}
+
+/// A digest of `text`, to tell whether it changed without keeping it: SipHash with keys
+/// drawn once per process (so nobody can craft a collision in advance), 64 bits, so two
+/// different texts compare equal once in 2^64.
+pub fn digest(text: &str) -> u64 {
+    static KEYS: LazyLock<RandomState> = LazyLock::new(RandomState::new);
+    KEYS.hash_one(text)
+}
+
+/// Where a cached ConfigMap of Roster's keeps the digest of its JSON view.
+const DIGEST_KEY: &str = "digest";
+
+/// Replaces a Roster ConfigMap's JSON view (the largest part of the projector's caches: the
+/// whole service, per service) by its [`digest`]: the projector only ever asks whether it
+/// differs from the view it would write.
+pub fn digest_config_map(cm: &mut ConfigMap) {
+    let view = cm.data.as_ref().and_then(|d| d.get(CONFIG_KEY));
+    cm.data = view.map(|v| BTreeMap::from([(DIGEST_KEY.to_string(), digest(v).to_string())]));
+    cm.binary_data = None;
+}
+
+/// Whether a ConfigMap pruned by [`digest_config_map`] holds `view`.
+pub fn config_map_holds(cm: &ConfigMap, view: &str) -> bool {
+    cm.data
+        .as_ref()
+        .and_then(|d| d.get(DIGEST_KEY))
+        .is_some_and(|d| *d == digest(view).to_string())
 }
 
 /// Objects grouped by a name they point to (instances by their Lease, slices by their
@@ -95,6 +130,28 @@ mod tests {
         assert_eq!(meta.labels.as_ref().map(BTreeMap::len), Some(1));
         prune(&mut meta, &[]);
         assert_eq!(meta.annotations, None);
+    }
+
+    #[test]
+    fn a_cached_config_map_keeps_a_digest_of_its_view_and_tells_a_change() {
+        let view = r#"{"instances":[{"name":"a"}]}"#;
+        let mut cm = ConfigMap {
+            data: Some(BTreeMap::from([(CONFIG_KEY.to_string(), view.to_string())])),
+            ..ConfigMap::default()
+        };
+        digest_config_map(&mut cm);
+        assert!(
+            !cm.data
+                .iter()
+                .flatten()
+                .any(|(_, v)| v.contains("instances"))
+        );
+        assert!(config_map_holds(&cm, view));
+        assert!(!config_map_holds(&cm, r#"{"instances":[]}"#));
+        let mut empty = ConfigMap::default();
+        digest_config_map(&mut empty);
+        assert!(!config_map_holds(&empty, view));
+        assert!(!config_map_holds(&empty, ""));
     }
 
     #[test]

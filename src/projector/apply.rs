@@ -138,7 +138,7 @@ impl Projector {
                 ns,
                 &slice.name,
                 applied.resource_version(),
-                json,
+                &json,
             );
             self.metrics.projection_written("EndpointSlice");
         }
@@ -149,7 +149,7 @@ impl Projector {
         {
             delete(&api, &orphan.name_any()).await?;
             self.written
-                .record("EndpointSlice", ns, &orphan.name_any(), None, String::new());
+                .record("EndpointSlice", ns, &orphan.name_any(), None, "");
             self.metrics.projection_written("EndpointSlice");
         }
         Ok(())
@@ -193,7 +193,7 @@ impl Projector {
             .await
             .map_err(Error::kube(format!("apply Endpoints {ns}/{service}")))?;
         self.written
-            .record("Endpoints", ns, service, applied.resource_version(), json);
+            .record("Endpoints", ns, service, applied.resource_version(), &json);
         self.metrics.projection_written("Endpoints");
         Ok(None)
     }
@@ -215,7 +215,7 @@ impl Projector {
             .get(&reflector::ObjectRef::new(&name).within(ns));
         let owners: Vec<OwnerReference> = owner.clone().into_iter().collect();
         if let Some(stored) = &stored
-            && stored.data.as_ref().and_then(|d| d.get(CONFIG_KEY)) == Some(&json)
+            && crate::cache::config_map_holds(stored, &json)
             && stored.metadata.owner_references.clone().unwrap_or_default() == owners
         {
             return Ok(None);
@@ -252,7 +252,7 @@ impl Projector {
             ns,
             &name,
             applied.resource_version(),
-            fingerprint,
+            &fingerprint,
         );
         self.metrics.projection_written("ConfigMap");
         Ok(None)
@@ -270,7 +270,7 @@ impl Projector {
         for slice in self.caches.slices.of(ns, service) {
             delete(&slices, &slice.name_any()).await?;
             self.written
-                .record("EndpointSlice", ns, &slice.name_any(), None, String::new());
+                .record("EndpointSlice", ns, &slice.name_any(), None, "");
         }
         let name = config_map_name(service);
         if self
@@ -284,8 +284,7 @@ impl Projector {
                 &name,
             )
             .await?;
-            self.written
-                .record("ConfigMap", ns, &name, None, String::new());
+            self.written.record("ConfigMap", ns, &name, None, "");
         }
         if let Some(cache) = &self.caches.endpoints
             && cache
@@ -297,8 +296,7 @@ impl Projector {
                 service,
             )
             .await?;
-            self.written
-                .record("Endpoints", ns, service, None, String::new());
+            self.written.record("Endpoints", ns, service, None, "");
         }
         if let Some(svc) = our_service {
             delete(

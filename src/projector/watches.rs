@@ -52,16 +52,19 @@ pub fn watch_children(
         api(client, namespace),
         watch(watcher::Config::default()),
         |svc| Some(svc.name_any()),
+        |_| {},
     );
     let slices = spawn_watch::<EndpointSlice>(
         api(client, namespace),
         watch(watcher::Config::default().labels(&format!("{SLICE_MANAGED_BY_LABEL}={MANAGED_BY}"))),
         |slice| slice.labels().get(SERVICE_NAME_LABEL).cloned(),
+        |_| {},
     );
     let config_maps = spawn_watch::<ConfigMap>(
         api(client, namespace),
         watch(watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}"))),
         |cm| cm.labels().get(SERVICE_LABEL).cloned(),
+        crate::cache::digest_config_map,
     );
     let endpoints = endpoints.then(|| {
         spawn_watch::<Endpoints>(
@@ -70,6 +73,7 @@ pub fn watch_children(
                 "{MANAGED_BY_LABEL}={MANAGED_BY},{SKIP_MIRROR_LABEL}=true"
             ))),
             |ep| Some(ep.name_any()),
+            |_| {},
         )
         .store
     });
@@ -177,6 +181,7 @@ pub(super) fn spawn_watch<K>(
     api: Api<K>,
     cx: WatchContext,
     service_of: fn(&K) -> Option<String>,
+    slim: fn(&mut K),
 ) -> ByService<K>
 where
     K: Resource<DynamicType = ()>
@@ -196,11 +201,12 @@ where
     };
     let stream = watcher(api, cx.config)
         .default_backoff()
-        .modify(|obj| {
+        .modify(move |obj| {
             crate::cache::prune(
                 obj.meta_mut(),
                 &[ADOPT_ANNOTATION, OVER_CAPACITY_ANNOTATION],
-            )
+            );
+            slim(obj);
         })
         .reflect(writer);
     let groups = Arc::new(Mutex::new(Grouping::default()));

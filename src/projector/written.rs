@@ -1,14 +1,16 @@
 //! What the projector last wrote, so a cache that lags behind its own writes causes no second write.
 
+use crate::cache::digest;
 use std::{
     collections::HashMap,
     sync::{Mutex, PoisonError},
 };
 
 /// What the projector last wrote, by (kind, namespace, name): the resourceVersion the apiserver
-/// returned and the desired object as JSON.
+/// returned and the [`digest`] of the desired object's JSON (the JSON itself, kept for every
+/// slice and ConfigMap, was 4.4 MB at 10 000 instances).
 #[derive(Default)]
-pub struct Written(Mutex<HashMap<ObjectKey, (ResourceVersion, String)>>);
+pub struct Written(Mutex<HashMap<ObjectKey, (ResourceVersion, u64)>>);
 
 /// (kind, namespace, name).
 pub(super) type ObjectKey = (&'static str, String, String);
@@ -29,7 +31,7 @@ impl Written {
     ) -> bool {
         let map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         map.get(&Self::key(kind, ns, name))
-            .is_some_and(|(_, d)| d == desired)
+            .is_some_and(|(_, d)| *d == digest(desired))
     }
 
     pub(super) fn record(
@@ -38,8 +40,9 @@ impl Written {
         ns: &str,
         name: &str,
         rv: Option<String>,
-        desired: String,
+        desired: &str,
     ) {
+        let desired = digest(desired);
         let mut map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         match rv {
             Some(rv) => map.insert(Self::key(kind, ns, name), (rv, desired)),
