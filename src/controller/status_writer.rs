@@ -8,6 +8,10 @@
 //! one write. A failed write is retried with backoff unless a newer status came meanwhile.
 //! Projection writes go first: while the projector has work in hand, status writes wait (for
 //! a bounded time, so they are never starved).
+//!
+//! The writer also remembers what this term wrote ([`StatusWriter::baseline`]): the cache can
+//! lag behind our own writes, and comparing with a stale copy would write (and announce) a
+//! transition twice. Once the cache shows the write, the memory goes: the cache says the same.
 
 use std::{
     collections::{HashMap, HashSet, VecDeque},
@@ -30,6 +34,7 @@ use crate::{
     names::FIELD_MANAGER,
     projector::Busy,
     registry::Registry,
+    status,
 };
 
 /// Status writes in flight at once.
@@ -43,7 +48,8 @@ pub(super) struct Pending {
     pub namespace: String,
     pub name: String,
     pub uid: String,
-    pub status: ServiceInstanceStatus,
+    /// Shared with the writer's memory of what it wrote: one copy of each status, not two.
+    pub status: Arc<ServiceInstanceStatus>,
     /// Order of submission: a retry of an older status never overwrites a newer one.
     seq: u64,
     /// Failed attempts so far, for the backoff.
@@ -83,7 +89,7 @@ impl Queue {
         namespace: &str,
         name: &str,
         uid: &str,
-        status: ServiceInstanceStatus,
+        status: Arc<ServiceInstanceStatus>,
     ) {
         self.next_seq += 1;
         let seq = self.next_seq;
@@ -189,13 +195,29 @@ pub(super) fn backoff(attempts: u32) -> Duration {
     (Duration::from_millis(200) * (1 << exp)).min(Duration::from_secs(30))
 }
 
+/// The last status this term submitted for one instance.
+#[derive(Debug)]
+struct Wrote {
+    status: Arc<ServiceInstanceStatus>,
+    /// The resourceVersion the apiserver answered its write with, once written.
+    at: Option<u64>,
+}
+
 /// The writer: submit from anywhere, one task writes.
 #[derive(Default)]
 pub(super) struct StatusWriter {
     queue: Mutex<Queue>,
+    /// What this term last submitted, by uid, until the cache shows it.
+    wrote: Mutex<HashMap<String, Wrote>>,
     wake: Notify,
     /// Notified whenever a write finishes, for [`StatusWriter::drained`].
     settled: Notify,
+}
+
+/// A resourceVersion as the number it is in every apiserver backed by etcd; `None` for one that
+/// is not (then nothing is taken as caught up, and the writer's memory of a status stays).
+fn revision(rv: Option<&str>) -> Option<u64> {
+    rv?.parse().ok()
 }
 
 impl StatusWriter {
@@ -203,13 +225,60 @@ impl StatusWriter {
         self.queue.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    fn wrote(&self) -> std::sync::MutexGuard<'_, HashMap<String, Wrote>> {
+        self.wrote.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Queues `status` for writing and remembers it as this term's.
     pub fn submit(&self, namespace: &str, name: &str, uid: &str, status: ServiceInstanceStatus) {
-        self.queue().submit(namespace, name, uid, status);
+        let status = Arc::new(status);
+        self.queue().submit(namespace, name, uid, status.clone());
+        self.wrote()
+            .insert(uid.to_string(), Wrote { status, at: None });
         self.wake.notify_one();
     }
 
+    /// What the status of `si` says now: what this term last wrote when the cache has not
+    /// shown it yet, else what the cache holds.
+    pub fn baseline(&self, si: &ServiceInstance, uid: &str) -> ServiceInstanceStatus {
+        let abandoned = self.take_abandoned(uid);
+        let cached = || status::liveness_view(si.status.as_ref());
+        let mut wrote = self.wrote();
+        let Some(ours) = wrote.get(uid) else {
+            return cached();
+        };
+        // Its last write was refused for good: decide it again against what is stored.
+        let caught_up = abandoned
+            || ours.at.is_some_and(|at| {
+                revision(si.metadata.resource_version.as_deref()).is_some_and(|rv| rv >= at)
+                    && cached() == *ours.status
+            });
+        if caught_up {
+            wrote.remove(uid);
+            return cached();
+        }
+        (*ours.status).clone()
+    }
+
+    /// A write of `status` was answered at `rv`: if it is still the latest, the cache has
+    /// caught up once it shows that version.
+    fn written(&self, uid: &str, status: &Arc<ServiceInstanceStatus>, rv: Option<&str>) {
+        if let Some(ours) = self.wrote().get_mut(uid)
+            && Arc::ptr_eq(&ours.status, status)
+        {
+            ours.at = revision(rv);
+        }
+    }
+
+    /// Forgets a deleted instance.
     pub fn forget(&self, uid: &str) {
         self.queue().forget(uid);
+        self.wrote().remove(uid);
+    }
+
+    #[cfg(test)]
+    fn remembers(&self, uid: &str) -> bool {
+        self.wrote().contains_key(uid)
     }
 
     /// Whether the last write of `uid` failed for good (a 4xx other than a conflict or
@@ -284,8 +353,9 @@ impl StatusWriter {
                 continue;
             };
             let outcome = match result {
-                Ok(()) => {
+                Ok(rv) => {
                     metrics.status_written();
+                    self.written(&pending.uid, &pending.status, rv.as_deref());
                     Outcome::Written
                 }
                 // Deleted meanwhile: nothing to write.
@@ -323,24 +393,26 @@ impl StatusWriter {
     }
 }
 
-async fn write(client: &Client, pending: &Pending) -> crate::Result<()> {
+/// Applies the status; returns the resourceVersion the apiserver answered with.
+async fn write(client: &Client, pending: &Pending) -> crate::Result<Option<String>> {
     let api: Api<ServiceInstance> = Api::namespaced(client.clone(), &pending.namespace);
     let patch = json!({
         "apiVersion": ServiceInstance::api_version(&()),
         "kind": ServiceInstance::kind(&()),
-        "status": pending.status,
+        "status": *pending.status,
     });
-    api.patch_status(
-        &pending.name,
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await
-    .map_err(Error::kube(format!(
-        "apply the status of ServiceInstance {}/{}",
-        pending.namespace, pending.name
-    )))?;
-    Ok(())
+    let written = api
+        .patch_status(
+            &pending.name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await
+        .map_err(Error::kube(format!(
+            "apply the status of ServiceInstance {}/{}",
+            pending.namespace, pending.name
+        )))?;
+    Ok(written.metadata.resource_version)
 }
 
 #[cfg(test)]
@@ -355,6 +427,10 @@ mod tests {
         }
     }
 
+    fn shared(phase: Phase) -> Arc<ServiceInstanceStatus> {
+        Arc::new(status(phase))
+    }
+
     fn phase(p: &Pending) -> Option<Phase> {
         p.status.phase
     }
@@ -362,9 +438,9 @@ mod tests {
     #[test]
     fn a_newer_status_supersedes_the_waiting_one_in_place() {
         let mut q = Queue::default();
-        q.submit("ns", "a", "ua", status(Phase::Pending));
-        q.submit("ns", "b", "ub", status(Phase::Ready));
-        q.submit("ns", "a", "ua", status(Phase::Ready));
+        q.submit("ns", "a", "ua", shared(Phase::Pending));
+        q.submit("ns", "b", "ub", shared(Phase::Ready));
+        q.submit("ns", "a", "ua", shared(Phase::Ready));
         assert_eq!(q.len(), 2);
         let first = q.next().unwrap();
         assert_eq!(
@@ -378,10 +454,10 @@ mod tests {
     #[test]
     fn one_instance_is_never_written_twice_at_once() {
         let mut q = Queue::default();
-        q.submit("ns", "a", "ua", status(Phase::Pending));
+        q.submit("ns", "a", "ua", shared(Phase::Pending));
         let first = q.next().unwrap();
-        q.submit("ns", "a", "ua", status(Phase::Ready));
-        q.submit("ns", "b", "ub", status(Phase::Ready));
+        q.submit("ns", "a", "ua", shared(Phase::Ready));
+        q.submit("ns", "b", "ub", shared(Phase::Ready));
         // a is in flight: b goes first, a waits for its write to finish.
         assert_eq!(q.next().unwrap().name, "b");
         assert!(q.next().is_none());
@@ -392,7 +468,7 @@ mod tests {
     #[test]
     fn a_failed_write_is_retried_unless_superseded() {
         let mut q = Queue::default();
-        q.submit("ns", "a", "ua", status(Phase::Ready));
+        q.submit("ns", "a", "ua", shared(Phase::Ready));
         let write = q.next().unwrap();
         let retry = q.done(write, Outcome::Failed).unwrap();
         assert_eq!(retry.attempts, 1);
@@ -401,12 +477,12 @@ mod tests {
         assert_eq!(again.attempts, 1);
         // A newer status while the retry waits: the old one is dropped, the new one written.
         let retry = q.done(again, Outcome::Failed).unwrap();
-        q.submit("ns", "a", "ua", status(Phase::Unhealthy));
+        q.submit("ns", "a", "ua", shared(Phase::Unhealthy));
         q.retry(retry);
         let next = q.next().unwrap();
         assert_eq!((phase(&next), next.attempts), (Some(Phase::Unhealthy), 0));
         // And a failure of a superseded write is not retried at all.
-        q.submit("ns", "a", "ua", status(Phase::Ready));
+        q.submit("ns", "a", "ua", shared(Phase::Ready));
         assert_eq!(q.done(next, Outcome::Failed), None);
     }
 
@@ -418,7 +494,7 @@ mod tests {
                 "ns",
                 &format!("i-{i}"),
                 &format!("u-{i}"),
-                status(Phase::Ready),
+                shared(Phase::Ready),
             );
         }
         // One fails: it is remembered until its retry is written.
@@ -443,11 +519,57 @@ mod tests {
     }
 
     #[test]
+    fn what_the_term_wrote_stands_until_the_cache_shows_it() {
+        let writer = StatusWriter::default();
+        let cached = |rv: &str, phase: Option<Phase>| {
+            let mut si = ServiceInstance::new(
+                "a",
+                crate::api::ServiceInstanceSpec::new("web", "10.0.0.1", vec![]),
+            );
+            si.metadata.resource_version = Some(rv.into());
+            si.status = phase.map(status);
+            si
+        };
+        writer.submit("ns", "a", "ua", status(Phase::Ready));
+        let ready = Some(Phase::Ready);
+        // Not written yet: ours stands, even against a cache that happens to say the same.
+        assert_eq!(writer.baseline(&cached("5", None), "ua").phase, ready);
+        assert_eq!(writer.baseline(&cached("6", ready), "ua").phase, ready);
+        assert!(writer.remembers("ua"));
+        let write = writer.queue().next().unwrap();
+        writer.written("ua", &write.status, Some("7"));
+        writer.queue().done(write, Outcome::Written);
+        // Written at 7: a cache before 7 is stale, one at 7 shows it.
+        assert_eq!(writer.baseline(&cached("6", None), "ua").phase, ready);
+        assert_eq!(writer.baseline(&cached("6", ready), "ua").phase, ready);
+        assert!(writer.remembers("ua"));
+        assert_eq!(writer.baseline(&cached("7", ready), "ua").phase, ready);
+        assert!(!writer.remembers("ua"));
+        // Someone else's status after ours: ours stands until the next decision.
+        writer.submit("ns", "a", "ua", status(Phase::Unhealthy));
+        let write = writer.queue().next().unwrap();
+        writer.written("ua", &write.status, Some("9"));
+        writer.queue().done(write.clone(), Outcome::Written);
+        let pending = Some(Phase::Pending);
+        assert_eq!(
+            writer.baseline(&cached("10", pending), "ua").phase,
+            Some(Phase::Unhealthy)
+        );
+        // A write answered after a newer status was submitted says nothing of the newer one.
+        writer.submit("ns", "a", "ua", status(Phase::Ready));
+        writer.written("ua", &write.status, Some("11"));
+        assert_eq!(writer.baseline(&cached("12", ready), "ua").phase, ready);
+        assert!(writer.remembers("ua"));
+        writer.forget("ua");
+        assert!(!writer.remembers("ua"));
+    }
+
+    #[test]
     fn a_forgotten_instance_is_not_written() {
         let mut q = Queue::default();
-        q.submit("ns", "a", "ua", status(Phase::Ready));
+        q.submit("ns", "a", "ua", shared(Phase::Ready));
         let write = q.next().unwrap();
-        q.submit("ns", "a", "ua", status(Phase::Unhealthy));
+        q.submit("ns", "a", "ua", shared(Phase::Unhealthy));
         q.forget("ua");
         assert!(q.next().is_none());
         assert_eq!(q.done(write, Outcome::Failed), None);

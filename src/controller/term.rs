@@ -3,11 +3,6 @@
 //! never sent in the next, and a new term decides every status afresh against what is stored
 //! (which another leader may have written in between).
 
-use std::{
-    collections::HashMap,
-    sync::{Mutex, PoisonError},
-};
-
 use tokio_util::sync::CancellationToken;
 
 use super::{events::Events, status_writer::StatusWriter};
@@ -15,21 +10,18 @@ use crate::{
     api::{ServiceInstance, ServiceInstanceStatus},
     prober::Prober,
     projector::Busy,
-    status,
 };
 
 pub(super) struct Term {
     /// Cancelled when the term ends.
     pub(super) token: CancellationToken,
-    /// Writes the status the judge decided, off the reconcile's path.
+    /// Writes the status the judge decided, off the reconcile's path, and remembers it until
+    /// the cache shows it.
     pub(super) writer: std::sync::Arc<StatusWriter>,
     /// Health checks run only on the leader.
     pub(super) prober: Prober,
     /// Transition Events, behind the projection.
     pub(super) events: Events,
-    /// The last status this term wrote, by uid: the cache can lag behind our own writes, and
-    /// comparing with a stale copy would write (and announce) a transition twice.
-    written: Mutex<HashMap<String, ServiceInstanceStatus>>,
 }
 
 impl Term {
@@ -45,25 +37,13 @@ impl Term {
             token,
             writer: std::sync::Arc::default(),
             prober,
-            written: Mutex::default(),
         }
     }
 
-    fn written(&self) -> std::sync::MutexGuard<'_, HashMap<String, ServiceInstanceStatus>> {
-        self.written.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// What the status says now: what this term last wrote when it has, else what is stored.
+    /// What the status says now: what this term last wrote when the cache has not shown it
+    /// yet, else what is stored.
     pub(super) fn baseline(&self, si: &ServiceInstance, uid: &str) -> ServiceInstanceStatus {
-        let mut written = self.written();
-        if self.writer.take_abandoned(uid) {
-            // Its last write was refused for good: decide it again against what is stored.
-            written.remove(uid);
-        }
-        written
-            .get(uid)
-            .cloned()
-            .unwrap_or_else(|| status::liveness_view(si.status.as_ref()))
+        self.writer.baseline(si, uid)
     }
 
     /// Queues `status` for writing and remembers it as this term's.
@@ -74,14 +54,12 @@ impl Term {
         uid: &str,
         status: ServiceInstanceStatus,
     ) {
-        self.writer.submit(namespace, name, uid, status.clone());
-        self.written().insert(uid.to_string(), status);
+        self.writer.submit(namespace, name, uid, status);
     }
 
     /// Forgets a deleted instance.
     pub(super) fn forget(&self, uid: &str) {
         self.prober.forget(uid);
-        self.written().remove(uid);
         self.writer.forget(uid);
     }
 }
