@@ -407,7 +407,6 @@ mod tests {
         use serde_json::{Value, json};
 
         use crate::{
-            api::ServiceInstance,
             liveness::{Observations, Sight, Signals, Tick},
             projection::{self, Backend},
             status::{self, SignalProblems},
@@ -494,7 +493,7 @@ mod tests {
                     "spec": spec,
                     "status": status,
                 });
-                let Ok(si) = serde_json::from_value::<ServiceInstance>(object) else {
+                let Ok(si) = serde_json::from_value::<crate::cache::Instance>(object) else {
                     return Ok(());
                 };
                 let members: Vec<Backend> = Backend::from_instance(&si).into_iter().collect();
@@ -511,7 +510,7 @@ mod tests {
                     let _ = status::desired(&si, timing, si.status.as_ref(), liveness, &SignalProblems::default(), jiff::Timestamp::UNIX_EPOCH);
                 }
                 let mut observations = Observations::default();
-                let signals = Signals { annotation: si.metadata.annotations.as_ref().and_then(|a| a.values().next().cloned()), lease: None };
+                let signals = Signals { annotation: si.heartbeat.clone(), lease: None };
                 let sight = Sight { namespace: "ns", name: "x", uid: "u", fresh: true, signals };
                 let (_, heartbeat) = observations.observe(sight.clone(), Tick::default(), Tick::default());
                 prop_assert!(heartbeat, "a fresh instance with a heartbeat value heartbeated");

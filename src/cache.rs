@@ -1,7 +1,7 @@
 //! What the watch caches keep. Every cached object is pruned, before the reflector stores it,
 //! to the fields Roster reads: managed fields (often the largest part of a small object) always
 //! go, and annotations go except the ones Roster acts on (`kubectl apply` alone adds a copy of
-//! the whole object as `last-applied-configuration`).
+//! the whole object as `last-applied-configuration`). An instance is kept as an [`Instance`].
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -10,9 +10,96 @@ use std::{
 };
 
 use k8s_openapi::api::core::v1::ConfigMap;
-use kube::api::ObjectMeta;
+use kube::{Resource, api::ObjectMeta};
 
-use crate::names::CONFIG_KEY;
+use crate::{
+    api::{ServiceInstance, ServiceInstanceSpec, ServiceInstanceStatus},
+    names::{CONFIG_KEY, HEARTBEAT_ANNOTATION},
+};
+
+/// What every replica keeps of a `ServiceInstance`: its metadata without annotations, the one
+/// annotation Roster reads (the heartbeat) as a plain field, its spec and its status.
+///
+/// A map of one annotation costs a whole B-tree node (544 bytes, more than the heartbeat
+/// itself ten times over): at 10 000 instances that was 5.4 MB of the instance cache.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Instance {
+    /// Never holds annotations (nor managed fields).
+    pub metadata: ObjectMeta,
+    /// The `roster.dev/heartbeat` annotation.
+    pub heartbeat: Option<String>,
+    pub spec: ServiceInstanceSpec,
+    pub status: Option<ServiceInstanceStatus>,
+}
+
+impl Instance {
+    /// Builds it from parts as read: `metadata` loses its annotations, the heartbeat is kept.
+    pub fn new(
+        mut metadata: ObjectMeta,
+        spec: ServiceInstanceSpec,
+        status: Option<ServiceInstanceStatus>,
+    ) -> Instance {
+        let heartbeat = metadata
+            .annotations
+            .take()
+            .and_then(|mut a| a.remove(HEARTBEAT_ANNOTATION));
+        metadata.managed_fields = None;
+        Instance {
+            metadata,
+            heartbeat,
+            spec,
+            status,
+        }
+    }
+}
+
+impl From<ServiceInstance> for Instance {
+    fn from(si: ServiceInstance) -> Instance {
+        Instance::new(si.metadata, si.spec, si.status)
+    }
+}
+
+/// Read as a `ServiceInstance` is (the controller's watch decodes with `decode::Incoming`
+/// instead, so that one bad object does not fail a list).
+impl<'de> serde::Deserialize<'de> for Instance {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        ServiceInstance::deserialize(deserializer).map(Instance::from)
+    }
+}
+
+/// The type-level half of `Resource` for a type that stands for a `ServiceInstance` (what the
+/// cache keeps, what the watch decodes): its kind, group, version and plural.
+macro_rules! service_instance_resource {
+    () => {
+        type DynamicType = ();
+        type Scope = k8s_openapi::NamespaceResourceScope;
+
+        fn kind(dt: &()) -> std::borrow::Cow<'_, str> {
+            crate::api::ServiceInstance::kind(dt)
+        }
+        fn group(dt: &()) -> std::borrow::Cow<'_, str> {
+            crate::api::ServiceInstance::group(dt)
+        }
+        fn version(dt: &()) -> std::borrow::Cow<'_, str> {
+            crate::api::ServiceInstance::version(dt)
+        }
+        fn plural(dt: &()) -> std::borrow::Cow<'_, str> {
+            crate::api::ServiceInstance::plural(dt)
+        }
+    };
+}
+pub(crate) use service_instance_resource;
+
+impl Resource for Instance {
+    service_instance_resource!();
+
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}
 
 /// Drops managed fields, and every annotation not in `keep`.
 pub fn prune(meta: &mut ObjectMeta, keep: &[&str]) {
@@ -130,6 +217,40 @@ mod tests {
         assert_eq!(meta.labels.as_ref().map(BTreeMap::len), Some(1));
         prune(&mut meta, &[]);
         assert_eq!(meta.annotations, None);
+    }
+
+    #[test]
+    fn an_instance_keeps_its_heartbeat_and_no_annotations() {
+        let mut si = ServiceInstance::new("a", ServiceInstanceSpec::new("web", "10.0.0.1", vec![]));
+        si.metadata.annotations = Some(BTreeMap::from([
+            (
+                HEARTBEAT_ANNOTATION.to_string(),
+                "2026-12-05T12:00:00Z".to_string(),
+            ),
+            ("other".to_string(), "x".to_string()),
+        ]));
+        si.metadata.managed_fields = Some(vec![ManagedFieldsEntry::default()]);
+        let instance = Instance::from(si.clone());
+        assert_eq!(instance.heartbeat.as_deref(), Some("2026-12-05T12:00:00Z"));
+        assert_eq!(
+            (
+                instance.metadata.annotations,
+                instance.metadata.managed_fields
+            ),
+            (None, None)
+        );
+        assert_eq!(
+            (instance.spec, instance.metadata.name),
+            (si.spec, si.metadata.name)
+        );
+        assert_eq!(
+            Instance::from(ServiceInstance::new(
+                "b",
+                ServiceInstanceSpec::new("web", "10.0.0.2", vec![])
+            ))
+            .heartbeat,
+            None
+        );
     }
 
     #[test]

@@ -15,7 +15,7 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_util::{sync::CancellationToken, time::DelayQueue};
 
 use crate::{
-    api::ServiceInstance,
+    cache::Instance,
     metrics::Metrics,
     probe::{self, Clients, Outcome, Streak, Target, Verdict},
 };
@@ -42,7 +42,7 @@ impl Verdicts {
 enum Command {
     Upsert {
         uid: String,
-        key: ObjectRef<ServiceInstance>,
+        key: ObjectRef<Instance>,
         target: Box<Target>,
     },
     Remove {
@@ -59,7 +59,7 @@ pub struct Prober {
 
 impl Prober {
     /// Probes `si` if it declares a check (again from scratch if the check changed), else stops.
-    pub fn watch(&self, si: &ServiceInstance) {
+    pub fn watch(&self, si: &Instance) {
         let Some(uid) = si.uid() else {
             return;
         };
@@ -89,7 +89,7 @@ impl Prober {
 }
 
 struct Entry {
-    key: ObjectRef<ServiceInstance>,
+    key: ObjectRef<Instance>,
     target: Target,
     streak: Streak,
     scheduled: Option<tokio_util::time::delay_queue::Key>,
@@ -99,7 +99,7 @@ struct Entry {
 /// at once.
 pub fn spawn(
     concurrency: usize,
-    reconcile: UnboundedSender<ObjectRef<ServiceInstance>>,
+    reconcile: UnboundedSender<ObjectRef<Instance>>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) -> Prober {
@@ -128,7 +128,7 @@ fn offset(uid: &str, period: Duration) -> Duration {
 async fn run(
     mut commands: mpsc::UnboundedReceiver<Command>,
     verdicts: Arc<Verdicts>,
-    reconcile: UnboundedSender<ObjectRef<ServiceInstance>>,
+    reconcile: UnboundedSender<ObjectRef<Instance>>,
     slots: Arc<Semaphore>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,

@@ -17,9 +17,7 @@ use std::{
 use kube::ResourceExt;
 
 use crate::{
-    api::{Phase, ServiceInstance},
-    projection::Backend,
-    projector::Trigger,
+    api::Phase, cache::Instance, projection::Backend, projector::Trigger,
     status::conditions::PROJECTED,
 };
 
@@ -71,7 +69,7 @@ impl Entry {
         &self.backend.uid
     }
 
-    fn of(si: &ServiceInstance, seen: u64) -> Option<Entry> {
+    fn of(si: &Instance, seen: u64) -> Option<Entry> {
         let projected = si
             .status
             .as_ref()
@@ -115,7 +113,7 @@ impl Index {
     /// The watch delivered `si` (created, changed, or listed). Returns the services that
     /// changed and, if it replaced an object of the same name with another uid (deleted and
     /// recreated while the watch was down), that object's uid, to be forgotten.
-    pub fn apply(&mut self, si: &ServiceInstance) -> (Changed, Option<String>) {
+    pub fn apply(&mut self, si: &Instance) -> (Changed, Option<String>) {
         let (Some(namespace), Some(mut entry)) = (si.namespace(), Entry::of(si, self.round)) else {
             return (Changed::new(), None);
         };
@@ -316,7 +314,7 @@ impl Registry {
     }
 
     /// Returns the uid of an object of the same name that `si` replaced, to be forgotten.
-    pub fn apply(&self, si: &ServiceInstance) -> Option<String> {
+    pub fn apply(&self, si: &Instance) -> Option<String> {
         let (changed, replaced) = self.with(|i| i.apply(si));
         tracing::trace!(name = %si.name_any(), changed = !changed.is_empty(), "observed");
         self.wake(changed);
@@ -365,9 +363,9 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::{InstancePort, ServiceInstanceSpec, ServiceInstanceStatus};
+    use crate::api::{InstancePort, ServiceInstance, ServiceInstanceSpec, ServiceInstanceStatus};
 
-    fn instance(name: &str, uid: &str, service: &str, phase: Option<Phase>) -> ServiceInstance {
+    fn instance(name: &str, uid: &str, service: &str, phase: Option<Phase>) -> Instance {
         let mut si = ServiceInstance::new(
             name,
             ServiceInstanceSpec::new(service, "10.0.0.1", vec![InstancePort::tcp("http", 80)]),
@@ -378,7 +376,7 @@ mod tests {
             phase: Some(p),
             ..ServiceInstanceStatus::default()
         });
-        si
+        si.into()
     }
 
     fn key(service: &str) -> ServiceKey {
@@ -394,7 +392,7 @@ mod tests {
     }
 
     /// The services an apply changed (the replaced uid is tested on its own).
-    fn applied(index: &mut Index, si: &ServiceInstance) -> Changed {
+    fn applied(index: &mut Index, si: &Instance) -> Changed {
         index.apply(si).0
     }
 

@@ -9,7 +9,8 @@ use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use crate::{
-    api::{Phase, ServiceInstance, ServiceInstanceStatus},
+    api::{Phase, ServiceInstanceStatus},
+    cache::Instance,
     liveness::{Liveness, Prior, Timing},
     probe::Verdict,
 };
@@ -95,7 +96,7 @@ pub fn health_check_prior(status: Option<&ServiceInstanceStatus>) -> Verdict {
 /// The status `si` should have, given the verdict and its `current` status (the one last
 /// written, which the cache may not show yet). `now` stamps conditions that change.
 pub fn desired(
-    si: &ServiceInstance,
+    si: &Instance,
     timing: Timing,
     current: Option<&ServiceInstanceStatus>,
     liveness: Liveness,
@@ -322,7 +323,7 @@ pub fn set_condition(conditions: &[Condition], new: Condition) -> Vec<Condition>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::{InstancePort, ServiceInstanceSpec};
+    use crate::api::{InstancePort, ServiceInstance, ServiceInstanceSpec};
     use std::time::Duration;
 
     const T: Timing = Timing {
@@ -345,13 +346,13 @@ mod tests {
         }
     }
 
-    fn instance() -> ServiceInstance {
+    fn instance() -> Instance {
         let mut si = ServiceInstance::new(
             "a",
             ServiceInstanceSpec::new("web", "10.0.0.1", vec![InstancePort::tcp("http", 80)]),
         );
         si.metadata.generation = Some(3);
-        si
+        si.into()
     }
 
     fn condition<'a>(s: &'a ServiceInstanceStatus, type_: &str) -> &'a Condition {
@@ -362,7 +363,7 @@ mod tests {
     }
 
     /// The desired status of a heartbeating instance without problems.
-    fn alive(si: &ServiceInstance, now: Timestamp) -> ServiceInstanceStatus {
+    fn alive(si: &Instance, now: Timestamp) -> ServiceInstanceStatus {
         desired(
             si,
             T,

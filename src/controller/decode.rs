@@ -1,14 +1,12 @@
 //! Decoding the instance watch: an object that cannot be decoded is reported and skipped.
 
 use std::{
-    borrow::Cow,
     collections::{BTreeMap, HashMap},
     sync::{Arc, Mutex, PoisonError},
 };
 
 use futures::StreamExt;
 use k8s_openapi::{
-    NamespaceResourceScope,
     api::core::v1::ObjectReference,
     apimachinery::pkg::apis::meta::v1::{OwnerReference, Time},
 };
@@ -24,9 +22,9 @@ use serde::{Deserialize, Deserializer};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    api::{ServiceInstance, ServiceInstanceSpec, ServiceInstanceStatus},
+    api::{ServiceInstanceSpec, ServiceInstanceStatus},
+    cache::Instance,
     metrics::Metrics,
-    names::HEARTBEAT_ANNOTATION,
 };
 
 /// A `ServiceInstance` as the watch delivers it: decoded, or, when it cannot be (stored before
@@ -43,26 +41,13 @@ use crate::{
     reason = "each one is turned into an instance as it arrives; boxing would cost an allocation per object"
 )]
 pub(super) enum Incoming {
-    Decoded(ServiceInstance),
+    Decoded(Instance),
     Undecodable { metadata: ObjectMeta, error: String },
 }
 
 impl Resource for Incoming {
-    type DynamicType = ();
-    type Scope = NamespaceResourceScope;
+    crate::cache::service_instance_resource!();
 
-    fn kind(dt: &()) -> Cow<'_, str> {
-        ServiceInstance::kind(dt)
-    }
-    fn group(dt: &()) -> Cow<'_, str> {
-        ServiceInstance::group(dt)
-    }
-    fn version(dt: &()) -> Cow<'_, str> {
-        ServiceInstance::version(dt)
-    }
-    fn plural(dt: &()) -> Cow<'_, str> {
-        ServiceInstance::plural(dt)
-    }
     fn meta(&self) -> &ObjectMeta {
         match self {
             Incoming::Decoded(si) => &si.metadata,
@@ -80,7 +65,7 @@ impl Resource for Incoming {
 impl<'de> Deserialize<'de> for Incoming {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let wire = Wire::deserialize(deserializer)?;
-        let metadata = ObjectMeta::from(wire.metadata);
+        let mut metadata = ObjectMeta::from(wire.metadata);
         let decoded = ServiceInstanceSpec::deserialize(&wire.spec)
             .map_err(|e| format!("spec: {e}"))
             .and_then(|spec| {
@@ -89,13 +74,11 @@ impl<'de> Deserialize<'de> for Incoming {
                 Ok((spec, status))
             });
         Ok(match decoded {
-            Ok((spec, status)) => {
-                let mut si = ServiceInstance::new("", spec);
-                si.metadata = metadata;
-                si.status = status;
-                Incoming::Decoded(si)
+            Ok((spec, status)) => Incoming::Decoded(Instance::new(metadata, spec, status)),
+            Err(error) => {
+                metadata.annotations = None;
+                Incoming::Undecodable { metadata, error }
             }
-            Err(error) => Incoming::Undecodable { metadata, error },
         })
     }
 }
@@ -115,8 +98,8 @@ struct Wire {
     status: serde_json::Value,
 }
 
-/// The metadata the cache keeps: `ObjectMeta` without `managedFields` (skipped unread), with
-/// only the annotations Roster acts on.
+/// The metadata the cache keeps: `ObjectMeta` without `managedFields` (skipped unread);
+/// [`Instance::new`] takes the one annotation Roster reads out of the rest.
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct WireMeta {
@@ -137,7 +120,7 @@ struct WireMeta {
 
 impl From<WireMeta> for ObjectMeta {
     fn from(m: WireMeta) -> ObjectMeta {
-        let mut meta = ObjectMeta {
+        ObjectMeta {
             name: m.name,
             generate_name: m.generate_name,
             namespace: m.namespace,
@@ -152,9 +135,7 @@ impl From<WireMeta> for ObjectMeta {
             owner_references: m.owner_references,
             finalizers: m.finalizers,
             ..ObjectMeta::default()
-        };
-        crate::cache::prune(&mut meta, &[HEARTBEAT_ANNOTATION]);
-        meta
+        }
     }
 }
 
@@ -172,7 +153,7 @@ impl Decoder {
     pub(super) fn decode(
         &self,
         event: std::result::Result<watcher::Event<Incoming>, watcher::Error>,
-    ) -> Option<std::result::Result<watcher::Event<ServiceInstance>, watcher::Error>> {
+    ) -> Option<std::result::Result<watcher::Event<Instance>, watcher::Error>> {
         let event = match event {
             Ok(event) => event,
             Err(e) => return Some(Err(e)),
@@ -195,10 +176,7 @@ impl Decoder {
                 watcher::Event::Delete(match obj {
                     Incoming::Decoded(si) => si,
                     Incoming::Undecodable { metadata, .. } => {
-                        let mut si =
-                            ServiceInstance::new("", ServiceInstanceSpec::new("", "", vec![]));
-                        si.metadata = metadata;
-                        si
+                        Instance::new(metadata, ServiceInstanceSpec::new("", "", vec![]), None)
                     }
                 })
             }
@@ -209,7 +187,7 @@ impl Decoder {
         self.bad.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    pub(super) fn one(&self, obj: Incoming) -> Option<ServiceInstance> {
+    pub(super) fn one(&self, obj: Incoming) -> Option<Instance> {
         let reference = obj.object_ref(&());
         match obj {
             Incoming::Decoded(si) => {
@@ -335,22 +313,16 @@ mod tests {
     }
 
     #[test]
-    fn an_instance_decodes_as_the_typed_decoder_and_the_prune_would() {
+    fn an_instance_decodes_as_the_typed_decoder_would_into_what_the_cache_keeps() {
         let text = object("a", good_spec());
-        let mut expected: ServiceInstance = serde_json::from_value(text.clone()).unwrap();
-        crate::cache::prune(&mut expected.metadata, &[HEARTBEAT_ANNOTATION]);
+        let typed: crate::api::ServiceInstance = serde_json::from_value(text.clone()).unwrap();
         let decoded: ObjectList<Incoming> = serde_json::from_str(&list(vec![text])).unwrap();
         match &decoded.items[..] {
             [Incoming::Decoded(si)] => {
-                assert_eq!(si.metadata, expected.metadata);
-                assert_eq!(si.spec, expected.spec);
-                assert_eq!(si.status, expected.status);
+                assert_eq!(*si, Instance::from(typed));
+                assert_eq!(si.heartbeat.as_deref(), Some("2026-12-05T07:56:00Z"));
                 assert!(si.metadata.managed_fields.is_none());
-                let annotations = si.metadata.annotations.as_ref().unwrap();
-                assert_eq!(
-                    annotations.keys().collect::<Vec<_>>(),
-                    [HEARTBEAT_ANNOTATION]
-                );
+                assert!(si.metadata.annotations.is_none());
                 assert_eq!(si.metadata.owner_references.as_ref().unwrap().len(), 1);
             }
             other => panic!("not one decoded instance: {other:?}"),

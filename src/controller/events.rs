@@ -21,7 +21,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::views::Views;
 use crate::{
-    api::{Phase, ServiceInstance},
+    api::Phase,
+    cache::Instance,
     liveness::Timing,
     metrics::Metrics,
     projector::Busy,
@@ -132,7 +133,7 @@ impl Events {
     }
 
     /// Queues `event` about `si`, stamped now.
-    pub(super) fn publish(&self, si: &ServiceInstance, event: Event) {
+    pub(super) fn publish(&self, si: &Instance, event: Event) {
         let queued = Queued {
             regarding: si.object_ref(&()),
             event,
@@ -190,7 +191,7 @@ pub(super) async fn announce(
     views: Arc<Views>,
     recorder: Recorder,
     metrics: Arc<Metrics>,
-    requeue: futures::channel::mpsc::UnboundedSender<ObjectRef<ServiceInstance>>,
+    requeue: futures::channel::mpsc::UnboundedSender<ObjectRef<Instance>>,
     shutdown: CancellationToken,
 ) {
     loop {
@@ -291,12 +292,14 @@ mod tests {
     type Apiserver = tower_test::mock::Handle<Request<Body>, Response<Body>>;
     type Respond = tower_test::mock::SendResponse<Response<Body>>;
 
-    fn instance(name: &str) -> ServiceInstance {
-        let mut si =
-            ServiceInstance::new(name, ServiceInstanceSpec::new("web", "10.0.0.1", vec![]));
+    fn instance(name: &str) -> Instance {
+        let mut si = crate::api::ServiceInstance::new(
+            name,
+            ServiceInstanceSpec::new("web", "10.0.0.1", vec![]),
+        );
         si.metadata.namespace = Some("ns".into());
         si.metadata.uid = Some(format!("u-{name}"));
-        si
+        si.into()
     }
 
     /// The next request within `limit`, if one comes.

@@ -12,14 +12,14 @@ use kube::{
 };
 
 use super::{reconcile::Context, term::Term};
-use crate::{Error, Result, api::ServiceInstance, liveness::Timing};
+use crate::{Error, Result, api::ServiceInstance, cache::Instance, liveness::Timing};
 
 /// Deletes an instance after `deleteAfterSeconds` of observed silence. It loses every race
 /// with a heartbeat: the reconcile has just read the heartbeat signals afresh (a heartbeat the
 /// cache has not delivered yet cancels the verdict), and an annotation heartbeat since changes
 /// the instance's resourceVersion, so the delete's preconditions refuse it.
 pub(super) async fn expire(
-    si: &ServiceInstance,
+    si: &Instance,
     timing: Timing,
     namespace: &str,
     uid: &str,

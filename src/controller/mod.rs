@@ -39,6 +39,7 @@ use crate::cli::connect;
 use crate::{
     Error, Result,
     api::ServiceInstance,
+    cache::Instance,
     leader::{self, TermEnd},
     metrics::Metrics,
     names::REPORTER,
@@ -182,7 +183,7 @@ pub(super) struct Process {
 /// the reconcile loop that judges.
 pub(super) struct Watching {
     views: Arc<Views>,
-    instances: reflector::Store<ServiceInstance>,
+    instances: reflector::Store<Instance>,
     caches: projector::Caches,
     synced: Arc<projector::Synced>,
     written: Arc<projector::Written>,
@@ -194,7 +195,7 @@ pub(super) struct Watching {
     /// Reconciles every instance: after a relist, and when a term starts.
     reconcile_all: futures::channel::mpsc::UnboundedSender<()>,
     /// Where health checks report verdict changes.
-    requeue: futures::channel::mpsc::UnboundedSender<reflector::ObjectRef<ServiceInstance>>,
+    requeue: futures::channel::mpsc::UnboundedSender<reflector::ObjectRef<Instance>>,
     /// Cancelled once the reconcile loop has stopped (on shutdown, after in-flight reconciles).
     reconciles_stopped: CancellationToken,
 }

@@ -24,6 +24,7 @@ use super::{
 use crate::{
     Error, Result,
     api::ServiceInstance,
+    cache::Instance,
     liveness::{self, Liveness, Sight, Signals, Tick, Timing},
     metrics::Metrics,
     names::HEARTBEAT_ANNOTATION,
@@ -42,7 +43,7 @@ pub(super) struct Context {
     pub(super) defaults: liveness::Defaults,
 }
 
-pub(super) async fn reconcile(si: Arc<ServiceInstance>, ctx: Arc<Context>) -> Result<Action> {
+pub(super) async fn reconcile(si: Arc<Instance>, ctx: Arc<Context>) -> Result<Action> {
     let _timer = ctx.metrics.reconcile_started();
     let (Some(namespace), Some(uid)) = (si.namespace(), si.uid()) else {
         // A namespaced object from the apiserver always has both.
@@ -64,7 +65,7 @@ pub(super) async fn reconcile(si: Arc<ServiceInstance>, ctx: Arc<Context>) -> Re
         Some(lease) => Some(ctx.leases.get(&ObjectRef::new(lease).within(&namespace))),
         None => None,
     };
-    let annotation = si.annotations().get(HEARTBEAT_ANNOTATION).cloned();
+    let annotation = si.heartbeat.clone();
     let mut problems = SignalProblems {
         lease_missing: matches!(lease, Some(None)),
         annotation_not_timestamp: annotation
@@ -267,7 +268,7 @@ pub(super) async fn reconcile(si: Arc<ServiceInstance>, ctx: Arc<Context>) -> Re
 /// difference is a heartbeat on its way through a lagging watch; its event will reconcile again.
 async fn delivered(
     client: &Client,
-    si: &ServiceInstance,
+    si: &Instance,
     namespace: &str,
     uid: &str,
     cached: &Signals,
@@ -315,7 +316,7 @@ pub(super) fn protected_message(p: &Protection, hold_readiness: bool, max: Durat
     )
 }
 
-pub(super) fn error_policy(si: Arc<ServiceInstance>, error: &Error, ctx: Arc<Context>) -> Action {
+pub(super) fn error_policy(si: Arc<Instance>, error: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics.reconcile_failed(error);
     tracing::warn!(name = %si.name_any(), namespace = si.namespace().unwrap_or_default(), error = %crate::error::report(error), "reconcile failed");
     Action::requeue(Duration::from_secs(1))
@@ -444,7 +445,8 @@ mod tests {
                     .and_then(renewal),
             };
             let check = tokio::spawn({
-                let (client, si, cached) = (client.clone(), si.clone(), cached.clone());
+                let (client, si, cached) =
+                    (client.clone(), Instance::from(si.clone()), cached.clone());
                 async move { delivered(&client, &si, "ns", "u1", &cached).await }
             });
             let path = "/apis/roster.dev/v1alpha1/namespaces/ns/serviceinstances/a";

@@ -30,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     Error,
     api::{ServiceInstance, ServiceInstanceStatus},
+    cache::Instance,
     metrics::Metrics,
     names::FIELD_MANAGER,
     projector::Busy,
@@ -240,7 +241,7 @@ impl StatusWriter {
 
     /// What the status of `si` says now: what this term last wrote when the cache has not
     /// shown it yet, else what the cache holds.
-    pub fn baseline(&self, si: &ServiceInstance, uid: &str) -> ServiceInstanceStatus {
+    pub fn baseline(&self, si: &Instance, uid: &str) -> ServiceInstanceStatus {
         let abandoned = self.take_abandoned(uid);
         let cached = || status::liveness_view(si.status.as_ref());
         let mut wrote = self.wrote();
@@ -255,6 +256,10 @@ impl StatusWriter {
             });
         if caught_up {
             wrote.remove(uid);
+            // What a burst grew the map to goes back once most of it is shown by the cache.
+            if wrote.capacity() > 64 && wrote.len() * 4 < wrote.capacity() {
+                wrote.shrink_to_fit();
+            }
             return cached();
         }
         (*ours.status).clone()
@@ -528,7 +533,7 @@ mod tests {
             );
             si.metadata.resource_version = Some(rv.into());
             si.status = phase.map(status);
-            si
+            Instance::from(si)
         };
         writer.submit("ns", "a", "ua", status(Phase::Ready));
         let ready = Some(Phase::Ready);
@@ -599,7 +604,7 @@ mod tests {
         );
         si.metadata.namespace = Some("ns".into());
         si.metadata.uid = Some("ua".into());
-        registry.apply(&si);
+        registry.apply(&si.clone().into());
         // A status of an instance the registry does not hold (deleted, or recreated under
         // another uid) is never sent.
         writer.submit("ns", "b", "ub", status(Phase::Ready));

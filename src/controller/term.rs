@@ -6,11 +6,7 @@
 use tokio_util::sync::CancellationToken;
 
 use super::{events::Events, status_writer::StatusWriter};
-use crate::{
-    api::{ServiceInstance, ServiceInstanceStatus},
-    prober::Prober,
-    projector::Busy,
-};
+use crate::{api::ServiceInstanceStatus, cache::Instance, prober::Prober, projector::Busy};
 
 pub(super) struct Term {
     /// Cancelled when the term ends.
@@ -42,7 +38,7 @@ impl Term {
 
     /// What the status says now: what this term last wrote when the cache has not shown it
     /// yet, else what is stored.
-    pub(super) fn baseline(&self, si: &ServiceInstance, uid: &str) -> ServiceInstanceStatus {
+    pub(super) fn baseline(&self, si: &Instance, uid: &str) -> ServiceInstanceStatus {
         self.writer.baseline(si, uid)
     }
 

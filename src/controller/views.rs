@@ -20,7 +20,7 @@ use kube::{
 use super::term::Term;
 use crate::cache::Grouping;
 use crate::{
-    api::ServiceInstance,
+    cache::Instance,
     leader::{self},
     liveness::{Observations, Tick},
     protection::{self, ChangeKind},
@@ -113,7 +113,7 @@ impl Views {
         let _ = self.announce.unbounded_send(changes);
     }
 
-    pub(super) fn index(&self, si: &ServiceInstance, present: bool) {
+    pub(super) fn index(&self, si: &Instance, present: bool) {
         let Some(ns) = si.namespace() else {
             return;
         };
@@ -149,7 +149,7 @@ impl Views {
     }
 
     /// The instances to reconcile when `lease` changes.
-    pub(super) fn instances_for(&self, lease: &Lease) -> Vec<ObjectRef<ServiceInstance>> {
+    pub(super) fn instances_for(&self, lease: &Lease) -> Vec<ObjectRef<Instance>> {
         let Some(ns) = lease.namespace() else {
             return Vec::new();
         };
@@ -165,7 +165,7 @@ impl Views {
 
     /// Feeds the Lease index, the registry, the prober and the observations from the
     /// instance watch.
-    pub(super) fn on_instance_event(&self, event: &watcher::Event<ServiceInstance>) {
+    pub(super) fn on_instance_event(&self, event: &watcher::Event<Instance>) {
         match event {
             watcher::Event::Init => {
                 self.relisted();

@@ -11,7 +11,10 @@ use std::{
 
 use serde::Serialize;
 
-use crate::api::{InstancePort, Phase, ServiceInstance};
+use crate::{
+    api::{InstancePort, Phase},
+    cache::Instance,
+};
 
 pub mod objects;
 
@@ -34,7 +37,7 @@ pub struct Backend {
 }
 
 impl Backend {
-    pub fn from_instance(si: &ServiceInstance) -> Option<Backend> {
+    pub fn from_instance(si: &Instance) -> Option<Backend> {
         Some(Backend {
             name: si.metadata.name.clone()?,
             uid: si.metadata.uid.clone()?,
