@@ -10,8 +10,9 @@
 ARG RUST_VERSION=1.95
 
 FROM rust:${RUST_VERSION}-alpine AS build
-# musl-dev: the C runtime that ring and the std library link statically.
-RUN apk add --no-cache musl-dev
+# musl-dev: the C runtime that ring and the std library link statically; make: jemalloc's
+# build (the controller's allocator, src/main.rs).
+RUN apk add --no-cache musl-dev make
 WORKDIR /src
 ENV CARGO_TERM_COLOR=never \
     CARGO_INCREMENTAL=0 \
