@@ -9,12 +9,19 @@ use std::{
     sync::LazyLock,
 };
 
-use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::api::{
+    core::v1::{ConfigMap, Service, ServiceSpec},
+    discovery::v1::EndpointSlice,
+};
 use kube::{Resource, api::ObjectMeta};
 
 use crate::{
     api::{ServiceInstance, ServiceInstanceSpec, ServiceInstanceStatus},
     names::{CONFIG_KEY, HEARTBEAT_ANNOTATION},
+    projection::{
+        ExistingSlice,
+        objects::{existing_slice, slice_digest},
+    },
 };
 
 /// What every replica keeps of a `ServiceInstance`: its metadata without annotations, the one
@@ -101,6 +108,59 @@ impl Resource for Instance {
     }
 }
 
+/// What the projector keeps of an EndpointSlice: its metadata (pruned like every cached
+/// object's), what the packing reads back of it (address type, ports, members' names) and a
+/// digest of the rest of what Roster writes, which tells whether a desired slice differs.
+/// Whole slices (their endpoints) were 5.2 MB of the projector's caches at 10 000 instances.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Slice {
+    pub metadata: ObjectMeta,
+    /// `None` for a slice not shaped like Roster's.
+    pub existing: Option<ExistingSlice>,
+    /// [`slice_digest`] of the slice as stored.
+    pub digest: Option<u64>,
+}
+
+impl From<EndpointSlice> for Slice {
+    fn from(slice: EndpointSlice) -> Slice {
+        Slice {
+            existing: existing_slice(&slice),
+            digest: slice_digest(&slice),
+            metadata: slice.metadata,
+        }
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Slice {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        EndpointSlice::deserialize(deserializer).map(Slice::from)
+    }
+}
+
+impl Resource for Slice {
+    type DynamicType = ();
+    type Scope = k8s_openapi::NamespaceResourceScope;
+
+    fn kind(dt: &()) -> std::borrow::Cow<'_, str> {
+        EndpointSlice::kind(dt)
+    }
+    fn group(dt: &()) -> std::borrow::Cow<'_, str> {
+        EndpointSlice::group(dt)
+    }
+    fn version(dt: &()) -> std::borrow::Cow<'_, str> {
+        EndpointSlice::version(dt)
+    }
+    fn plural(dt: &()) -> std::borrow::Cow<'_, str> {
+        EndpointSlice::plural(dt)
+    }
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}
+
 /// Drops managed fields, and every annotation not in `keep`.
 pub fn prune(meta: &mut ObjectMeta, keep: &[&str]) {
     meta.managed_fields = None;
@@ -110,6 +170,17 @@ pub fn prune(meta: &mut ObjectMeta, keep: &[&str]) {
             meta.annotations = None;
         }
     }
+}
+
+/// Keeps of a Service's spec what the projector reads (its selector and ports), and no status:
+/// the projector watches every Service in its namespaces, since any may be adopted.
+pub fn slim_service(svc: &mut Service) {
+    svc.spec = svc.spec.take().map(|spec| ServiceSpec {
+        selector: spec.selector,
+        ports: spec.ports,
+        ..ServiceSpec::default()
+    });
+    svc.status = None;
 }
 
 /// A digest of `text`, to tell whether it changed without keeping it: SipHash with keys
@@ -217,6 +288,97 @@ mod tests {
         assert_eq!(meta.labels.as_ref().map(BTreeMap::len), Some(1));
         prune(&mut meta, &[]);
         assert_eq!(meta.annotations, None);
+    }
+
+    #[test]
+    fn a_cached_service_keeps_its_selector_and_ports_only() {
+        use k8s_openapi::api::core::v1::{ServicePort, ServiceStatus};
+        let ports = Some(vec![ServicePort {
+            port: 80,
+            ..ServicePort::default()
+        }]);
+        let selector = Some(BTreeMap::from([("app".to_string(), "web".to_string())]));
+        let mut svc = Service {
+            spec: Some(ServiceSpec {
+                selector: selector.clone(),
+                ports: ports.clone(),
+                cluster_ips: Some(vec!["10.96.0.10".into()]),
+                ip_families: Some(vec!["IPv4".into()]),
+                ..ServiceSpec::default()
+            }),
+            status: Some(ServiceStatus::default()),
+            ..Service::default()
+        };
+        slim_service(&mut svc);
+        let want = ServiceSpec {
+            selector,
+            ports,
+            ..ServiceSpec::default()
+        };
+        assert_eq!((svc.spec, svc.status), (Some(want), None));
+    }
+
+    #[test]
+    fn a_cached_slice_keeps_what_the_packing_reads_and_tells_a_change() {
+        use crate::projection::{
+            Backend,
+            objects::{same_slice, slice_object},
+            pack,
+        };
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+        let mut si = ServiceInstance::new(
+            "a",
+            ServiceInstanceSpec::new(
+                "web",
+                "10.0.0.1",
+                vec![crate::api::InstancePort::tcp("http", 80)],
+            ),
+        );
+        si.metadata.uid = Some("u1".into());
+        let Some(member) = Backend::from_instance(&Instance::from(si)) else {
+            panic!("an instance with a name and a uid is a backend");
+        };
+        let owner = OwnerReference {
+            name: "web".into(),
+            uid: "s1".into(),
+            ..OwnerReference::default()
+        };
+        let desired = |member: &Backend| {
+            let slices = pack("web", std::slice::from_ref(member), &[]);
+            slice_object("ns", "web", &slices[0], &owner)
+        };
+        let written = desired(&member);
+        // As the apiserver stores it: with fields and labels others add.
+        let mut stored = written.clone();
+        stored.metadata.managed_fields = Some(vec![ManagedFieldsEntry::default()]);
+        stored.metadata.resource_version = Some("7".into());
+        if let Some(labels) = &mut stored.metadata.labels {
+            labels.insert("team".into(), "blue".into());
+        }
+        let cached = Slice::from(stored.clone());
+        assert!(same_slice(&cached, &written));
+        let existing = cached
+            .existing
+            .as_ref()
+            .map(|e| (e.name.clone(), e.members.clone()));
+        assert_eq!(
+            existing,
+            Some((
+                written.metadata.name.clone().unwrap_or_default(),
+                vec!["a".to_string()]
+            ))
+        );
+        // Another phase, another address, or a missing label of Roster's: not the same.
+        let mut ready = member.clone();
+        ready.phase = Some(crate::api::Phase::Ready);
+        let mut moved = member.clone();
+        moved.address = "10.0.0.2".into();
+        for other in [desired(&ready), desired(&moved)] {
+            assert!(!same_slice(&cached, &other));
+        }
+        let mut unlabelled = stored;
+        unlabelled.metadata.labels = None;
+        assert!(!same_slice(&Slice::from(unlabelled), &written));
     }
 
     #[test]

@@ -11,7 +11,7 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    sync::{Mutex, PoisonError},
+    sync::{Arc, Mutex, PoisonError},
 };
 
 use kube::ResourceExt;
@@ -28,62 +28,86 @@ pub type ServiceKey = (String, String);
 pub type InstanceKey = (String, String);
 
 /// One instance in the index.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Entry {
-    /// What the projection needs of it. Its `phase` is the judge's in this term once there is
-    /// one (it outranks the status, which may lag behind it), else the status's.
-    backend: Backend,
-    /// The judge's phase in this term.
+    /// The instance as the watch last showed it: once the watch has stored it, the instance
+    /// cache's own allocation ([`Index::share`]), so the index keeps no second copy of it.
+    instance: Arc<Instance>,
+    /// The judge's phase in this term. It outranks the status's, which may lag behind it.
     verdict: Option<Phase>,
-    /// `metadata.generation`, for the conditions the projector writes.
-    pub generation: Option<i64>,
-    /// The `Projected` condition its status shows: (reason, message).
-    projected: Option<(String, String)>,
-    /// What the projector last wrote of that condition, until the watch shows it: the
-    /// projection is woken by verdicts now, often before the echo of its last write.
+    /// What the projector last wrote of the `Projected` condition, until the watch shows it:
+    /// the projection is woken by verdicts now, often before the echo of its last write.
     reported: Option<Option<(String, String)>>,
     /// Relist round in which the watch last showed it.
     seen: u64,
 }
 
 impl Entry {
-    /// The instance as the projection sees it.
-    pub fn backend(&self) -> &Backend {
-        &self.backend
+    /// The instance as the projection sees it: its phase is the judge's in this term once
+    /// there is one, else the status's.
+    /// (`None` never happens: the index holds only instances with a name and a uid.)
+    pub fn backend(&self) -> Option<Backend> {
+        Backend::from_instance(&self.instance).map(|b| Backend {
+            phase: self.phase(),
+            ..b
+        })
     }
 
-    /// The `Projected` condition as it stands: what the projector last wrote, else what the
-    /// status shows.
-    pub fn projected(&self) -> Option<&(String, String)> {
+    /// The phase it is projected with.
+    pub fn phase(&self) -> Option<Phase> {
+        self.verdict
+            .or_else(|| self.instance.status.as_ref().and_then(|s| s.phase))
+    }
+
+    /// The `Projected` condition as it stands: (reason, message), what the projector last
+    /// wrote, else what the status shows.
+    pub fn projected(&self) -> Option<(&str, &str)> {
         match &self.reported {
-            Some(reported) => reported.as_ref(),
-            None => self.projected.as_ref(),
+            Some(reported) => reported.as_ref().map(|(r, m)| (r.as_str(), m.as_str())),
+            None => status_projected(&self.instance),
         }
     }
 
+    /// `metadata.generation`, for the conditions the projector writes.
+    pub fn generation(&self) -> Option<i64> {
+        self.instance.metadata.generation
+    }
+
     pub fn name(&self) -> &str {
-        &self.backend.name
+        self.instance.metadata.name.as_deref().unwrap_or_default()
     }
 
     pub fn uid(&self) -> &str {
-        &self.backend.uid
+        self.instance.metadata.uid.as_deref().unwrap_or_default()
     }
 
-    fn of(si: &Instance, seen: u64) -> Option<Entry> {
-        let projected = si
-            .status
-            .as_ref()
-            .and_then(|s| s.conditions.iter().find(|c| c.type_ == PROJECTED))
-            .map(|c| (c.reason.clone(), c.message.clone()));
+    fn of(instance: Arc<Instance>, seen: u64) -> Option<Entry> {
+        Backend::from_instance(&instance)?;
         Some(Entry {
-            backend: Backend::from_instance(si)?,
+            instance,
             verdict: None,
-            generation: si.metadata.generation,
-            projected,
             reported: None,
             seen,
         })
     }
+
+    /// Whether this entry holds `si` as it is now: the same object at the same
+    /// resourceVersion (an object without one is never taken for another).
+    fn holds_version_of(&self, si: &Instance) -> bool {
+        self.instance.metadata.uid == si.metadata.uid
+            && si.metadata.resource_version.is_some()
+            && self.instance.metadata.resource_version == si.metadata.resource_version
+    }
+}
+
+/// The `Projected` condition a status shows: (reason, message).
+fn status_projected(si: &Instance) -> Option<(&str, &str)> {
+    si.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == PROJECTED)
+        .map(|c| (c.reason.as_str(), c.message.as_str()))
 }
 
 /// The index itself: plain data, no client.
@@ -110,14 +134,19 @@ pub struct Gone {
 pub type Changed = Vec<ServiceKey>;
 
 impl Index {
-    /// The watch delivered `si` (created, changed, or listed). Returns the services that
+    /// The watch delivered `si` (created, changed, or listed); `stored` is the instance
+    /// cache's copy of it when the cache holds it already (not during a relist, whose objects
+    /// the cache takes in whole at its end: [`Index::share`]). Returns the services that
     /// changed and, if it replaced an object of the same name with another uid (deleted and
     /// recreated while the watch was down), that object's uid, to be forgotten.
-    pub fn apply(&mut self, si: &Instance) -> (Changed, Option<String>) {
-        let (Some(namespace), Some(mut entry)) = (si.namespace(), Entry::of(si, self.round)) else {
+    pub fn apply(
+        &mut self,
+        si: &Instance,
+        stored: Option<Arc<Instance>>,
+    ) -> (Changed, Option<String>) {
+        let (Some(namespace), Some(name)) = (si.namespace(), si.metadata.name.clone()) else {
             return (Changed::new(), None);
         };
-        let name = entry.backend.name.clone();
         let service = si.spec.service.clone();
         let mut changed = Changed::new();
         let previous = self
@@ -131,35 +160,57 @@ impl Index {
             }
             entry
         });
+        // A relist shows most objects unchanged: keep the copy already held.
+        let instance = match (stored, &before) {
+            (Some(stored), _) => stored,
+            (None, Some(before)) if before.holds_version_of(si) => before.instance.clone(),
+            (None, _) => Arc::new(si.clone()),
+        };
+        let Some(mut entry) = Entry::of(instance, self.round) else {
+            self.instances.remove(&(namespace, name));
+            return (changed, None);
+        };
         // The same object (not one recreated under the same name) keeps its verdict, and what
         // the projector wrote until the watch shows it.
         let mut replaced = None;
         if let Some(before) = &before {
-            if before.backend.uid == entry.backend.uid {
-                if before.verdict.is_some() {
-                    entry.verdict = before.verdict;
-                    entry.backend.phase = before.verdict;
-                }
-                entry.reported = before
-                    .reported
-                    .clone()
-                    .filter(|reported| *reported != entry.projected);
+            if before.uid() == entry.uid() {
+                entry.verdict = before.verdict;
+                entry.reported = before.reported.clone().filter(|reported| {
+                    reported.as_ref().map(|(r, m)| (r.as_str(), m.as_str()))
+                        != status_projected(&entry.instance)
+                });
             } else {
-                replaced = Some(before.backend.uid.clone());
+                replaced = Some(before.uid().to_string());
             }
         }
         let key = (namespace, service);
-        if before.as_ref().map(Entry::backend) != Some(&entry.backend) || !changed.is_empty() {
+        if before.as_ref().and_then(Entry::backend) != entry.backend() || !changed.is_empty() {
             changed.push(key.clone());
         }
         self.services.entry(key).or_default().insert(name, entry);
         (changed, replaced)
     }
 
+    /// After a relist, once the instance cache has taken in what it listed: every entry that
+    /// holds the same version of an object as the cache takes the cache's copy, so the
+    /// relist's own copies go.
+    pub fn share(&mut self, stored: impl Fn(&str, &str) -> Option<Arc<Instance>>) {
+        for ((namespace, _), members) in &mut self.services {
+            for (name, entry) in members.iter_mut() {
+                if let Some(stored) = stored(namespace, name)
+                    && !Arc::ptr_eq(&stored, &entry.instance)
+                    && entry.holds_version_of(&stored)
+                {
+                    entry.instance = stored;
+                }
+            }
+        }
+    }
+
     /// Whether the index holds `namespace/name` as the object with `uid`.
     pub fn holds(&self, namespace: &str, name: &str, uid: &str) -> bool {
-        self.entry(namespace, name)
-            .is_some_and(|e| e.backend.uid == uid)
+        self.entry(namespace, name).is_some_and(|e| e.uid() == uid)
     }
 
     /// The projector wrote the instance's `Projected` condition (`None`: removed it).
@@ -171,7 +222,7 @@ impl Index {
         now: Option<(String, String)>,
     ) {
         if let Some(entry) = self.entry_mut(namespace, name)
-            && entry.backend.uid == uid
+            && entry.uid() == uid
         {
             entry.reported = Some(now);
         }
@@ -223,14 +274,14 @@ impl Index {
         let Some(entry) = self.services.get_mut(&key).and_then(|m| m.get_mut(name)) else {
             return Changed::new();
         };
-        if entry.backend.uid != uid || entry.verdict == Some(phase) {
+        if entry.uid() != uid || entry.verdict == Some(phase) {
             return Changed::new();
         }
+        let projected_before = entry.phase();
         entry.verdict = Some(phase);
-        if entry.backend.phase == Some(phase) {
+        if projected_before == Some(phase) {
             return Changed::new();
         }
-        entry.backend.phase = Some(phase);
         vec![key]
     }
 
@@ -249,8 +300,8 @@ impl Index {
             .flat_map(|((ns, _), members)| {
                 members.values().filter(|e| e.seen != round).map(|e| Gone {
                     namespace: ns.clone(),
-                    name: e.backend.name.clone(),
-                    uid: e.backend.uid.clone(),
+                    name: e.name().to_string(),
+                    uid: e.uid().to_string(),
                 })
             })
             .collect();
@@ -314,8 +365,9 @@ impl Registry {
     }
 
     /// Returns the uid of an object of the same name that `si` replaced, to be forgotten.
-    pub fn apply(&self, si: &Instance) -> Option<String> {
-        let (changed, replaced) = self.with(|i| i.apply(si));
+    /// `stored`: the instance cache's copy of `si`, if it holds it already.
+    pub fn apply(&self, si: &Instance, stored: Option<Arc<Instance>>) -> Option<String> {
+        let (changed, replaced) = self.with(|i| i.apply(si, stored));
         tracing::trace!(name = %si.name_any(), changed = !changed.is_empty(), "observed");
         self.wake(changed);
         replaced
@@ -355,6 +407,10 @@ impl Registry {
         self.with(|i| i.members(key))
     }
 
+    pub fn share(&self, stored: impl Fn(&str, &str) -> Option<Arc<Instance>>) {
+        self.with(|i| i.share(stored));
+    }
+
     pub fn services(&self) -> Vec<ServiceKey> {
         self.with(|i| i.services().cloned().collect())
     }
@@ -387,13 +443,13 @@ mod tests {
         index
             .members(&key(service))
             .iter()
-            .map(|e| (e.name().to_string(), e.backend().phase))
+            .map(|e| (e.name().to_string(), e.phase()))
             .collect()
     }
 
     /// The services an apply changed (the replaced uid is tested on its own).
     fn applied(index: &mut Index, si: &Instance) -> Changed {
-        index.apply(si).0
+        index.apply(si, None).0
     }
 
     #[test]
@@ -529,35 +585,66 @@ mod tests {
             }],
             ..ServiceInstanceStatus::default()
         });
-        index.apply(&b);
+        index.apply(&b, None);
         applied(&mut index, &instance("a", "u1", "web", None));
         let members = index.members(&key("web"));
         let names: Vec<&str> = members.iter().map(Entry::name).collect();
         assert_eq!(names, ["a", "b"]);
-        let conflict = ("ServiceConflict".to_string(), "taken".to_string());
-        assert_eq!(members[1].projected(), Some(&conflict));
+        let conflict = ("ServiceConflict", "taken");
+        assert_eq!(members[1].projected(), Some(conflict));
         // What the projector wrote stands until the watch shows it, then the watch rules.
         index.reported("ns", "b", "u2", None);
         assert_eq!(index.members(&key("web"))[1].projected(), None);
-        index.apply(&b); // an echo from before the write
+        index.apply(&b, None); // an echo from before the write
         assert_eq!(index.members(&key("web"))[1].projected(), None);
         let mut cleared = b.clone();
         cleared.status = None;
-        index.apply(&cleared); // the write's echo
-        index.apply(&b); // someone else sets it again
-        assert_eq!(index.members(&key("web"))[1].projected(), Some(&conflict));
+        index.apply(&cleared, None); // the write's echo
+        index.apply(&b, None); // someone else sets it again
+        assert_eq!(index.members(&key("web"))[1].projected(), Some(conflict));
     }
 
     #[test]
     fn a_recreated_object_hands_back_the_uid_it_replaced() {
         let mut index = Index::default();
-        assert_eq!(index.apply(&instance("a", "u1", "web", None)).1, None);
-        assert_eq!(index.apply(&instance("a", "u1", "web", None)).1, None);
+        assert_eq!(index.apply(&instance("a", "u1", "web", None), None).1, None);
+        assert_eq!(index.apply(&instance("a", "u1", "web", None), None).1, None);
         assert!(index.holds("ns", "a", "u1"));
         assert_eq!(
-            index.apply(&instance("a", "u2", "web", None)).1,
+            index.apply(&instance("a", "u2", "web", None), None).1,
             Some("u1".into())
         );
         assert!(!index.holds("ns", "a", "u1") && index.holds("ns", "a", "u2"));
+    }
+
+    #[test]
+    fn the_index_holds_the_instance_caches_copy_not_its_own() {
+        let members = |index: &Index| index.members(&key("web"));
+        let held =
+            |index: &Index, copy: &Arc<Instance>| Arc::ptr_eq(&members(index)[0].instance, copy);
+        let mut index = Index::default();
+        let mut si = instance("a", "u1", "web", None);
+        si.metadata.resource_version = Some("1".into());
+        let cached = Arc::new(si.clone());
+        index.apply(&si, Some(cached.clone()));
+        assert!(held(&index, &cached));
+        // A relist shows it unchanged: the copy held stays, none is made.
+        index.resync_started();
+        index.apply(&si, None);
+        assert!(held(&index, &cached));
+        // A relist shows a newer version: the index holds its own copy until the cache has
+        // taken in the relist, then the cache's.
+        si.metadata.resource_version = Some("2".into());
+        index.resync_started();
+        index.apply(&si, None);
+        assert!(!held(&index, &cached));
+        assert_eq!(*members(&index)[0].instance, si);
+        index.resync_done();
+        let relisted = Arc::new(si.clone());
+        index.share(|ns, name| (ns == "ns" && name == "a").then(|| relisted.clone()));
+        assert!(held(&index, &relisted));
+        // Never a cached copy of another version.
+        index.share(|_, _| Some(cached.clone()));
+        assert!(held(&index, &relisted));
     }
 }

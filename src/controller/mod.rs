@@ -273,6 +273,7 @@ pub(super) fn watch(settings: &Settings, process: &Process) -> Result<Watching> 
     let first_sync = Arc::new(AtomicBool::new(false));
     let instance_views = views.clone();
     let instances_synced = synced.clone();
+    let instance_store = reader.clone();
     let (relist_tx, relist_rx) = futures::channel::mpsc::unbounded::<()>();
     let relisted = relist_tx.clone();
     // No generation predicate: annotation heartbeats do not bump the generation. Objects are
@@ -301,7 +302,7 @@ pub(super) fn watch(settings: &Settings, process: &Process) -> Result<Watching> 
             );
             match event {
                 Ok(event) => {
-                    views.on_instance_event(event);
+                    views.on_instance_event(event, &instance_store);
                     if let watcher::Event::InitDone = event {
                         if !first_sync.swap(true, Ordering::Relaxed) {
                             ready.store(true, Ordering::Relaxed);

@@ -604,7 +604,7 @@ mod tests {
         );
         si.metadata.namespace = Some("ns".into());
         si.metadata.uid = Some("ua".into());
-        registry.apply(&si.clone().into());
+        registry.apply(&si.clone().into(), None);
         // A status of an instance the registry does not hold (deleted, or recreated under
         // another uid) is never sent.
         writer.submit("ns", "b", "ub", status(Phase::Ready));

@@ -12,7 +12,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use kube::{
     ResourceExt,
     runtime::{
-        reflector::ObjectRef,
+        reflector::{ObjectRef, Store},
         watcher::{self},
     },
 };
@@ -165,14 +165,27 @@ impl Views {
 
     /// Feeds the Lease index, the registry, the prober and the observations from the
     /// instance watch.
-    pub(super) fn on_instance_event(&self, event: &watcher::Event<Instance>) {
+    /// `store`: the instance cache, which has already taken in the event; the registry index
+    /// shares its copies of the instances.
+    pub(super) fn on_instance_event(
+        &self,
+        event: &watcher::Event<Instance>,
+        store: &Store<Instance>,
+    ) {
         match event {
             watcher::Event::Init => {
                 self.relisted();
                 self.registry.resync_started();
             }
             watcher::Event::InitApply(si) | watcher::Event::Apply(si) => {
-                if let (Some(ns), Some(replaced)) = (si.namespace(), self.registry.apply(si)) {
+                // A relist's objects enter the cache at its end (`InitDone`, below).
+                let stored = matches!(event, watcher::Event::Apply(_))
+                    .then(|| store.get(&ObjectRef::from_obj(si)))
+                    .flatten()
+                    .filter(|s| s.metadata.resource_version == si.metadata.resource_version);
+                if let (Some(ns), Some(replaced)) =
+                    (si.namespace(), self.registry.apply(si, stored))
+                {
                     // Deleted and recreated while the watch was down: the old object is gone.
                     self.forget(&ns, &si.name_any(), &replaced);
                 }
@@ -197,6 +210,8 @@ impl Views {
                         .set(&gone.namespace, &gone.name, None);
                     self.forget(&gone.namespace, &gone.name, &gone.uid);
                 }
+                self.registry
+                    .share(|ns, name| store.get(&ObjectRef::new(name).within(ns)));
             }
         }
     }

@@ -17,6 +17,7 @@ use kube::{Resource, ResourceExt, api::ObjectMeta};
 
 use crate::{
     api::ServiceInstance,
+    cache::{Slice, digest},
     names::{
         ADOPT_ANNOTATION, MANAGED_BY, MANAGED_BY_LABEL, OVER_CAPACITY_ANNOTATION,
         SERVICE_NAME_LABEL, SKIP_MIRROR_LABEL, SLICE_MANAGED_BY_LABEL,
@@ -50,7 +51,7 @@ pub fn has_labels(labels: &BTreeMap<String, String>, want: &[(&str, &str)]) -> b
 }
 
 /// Whether `stored` carries every label `desired` sets (others may add more).
-fn carries_labels_of<K: Resource>(stored: &K, desired: &K) -> bool {
+fn carries_labels_of<S: Resource, D: Resource>(stored: &S, desired: &D) -> bool {
     let want: Vec<(&str, &str)> = desired
         .labels()
         .iter()
@@ -170,14 +171,27 @@ pub fn slice_object(
     }
 }
 
-/// Whether a stored slice already says what `desired` says (our labels, owner, address type,
-/// ports and endpoints); fields others may add (more labels, annotations) do not count.
-pub fn same_slice(stored: &EndpointSlice, desired: &EndpointSlice) -> bool {
+/// Whether a cached slice already says what `desired` says (our labels, and the owner, address
+/// type, ports and endpoints its [`slice_digest`] covers); fields others may add (more labels,
+/// annotations) do not count.
+pub fn same_slice(stored: &Slice, desired: &EndpointSlice) -> bool {
     carries_labels_of(stored, desired)
-        && stored.metadata.owner_references == desired.metadata.owner_references
-        && stored.address_type == desired.address_type
-        && stored.ports == desired.ports
-        && stored.endpoints == desired.endpoints
+        && stored.digest.is_some()
+        && stored.digest == slice_digest(desired)
+}
+
+/// A digest of what Roster writes of a slice beside its labels: owner, address type, ports and
+/// endpoints (`None` only if they cannot be serialized).
+pub fn slice_digest(slice: &EndpointSlice) -> Option<u64> {
+    let written = (
+        &slice.metadata.owner_references,
+        &slice.address_type,
+        &slice.ports,
+        &slice.endpoints,
+    );
+    serde_json::to_string(&written)
+        .ok()
+        .map(|json| digest(&json))
 }
 
 /// The v1 Endpoints object of a service: labelled so the mirroring controller leaves it alone,

@@ -107,7 +107,7 @@ impl Projector {
     ) -> Result<()> {
         let stored = self.caches.slices.of(ns, service);
         let existing: Vec<ExistingSlice> =
-            stored.iter().filter_map(|s| existing_slice(s)).collect();
+            stored.iter().filter_map(|s| s.existing.clone()).collect();
         let desired = projection::pack(service, members, &existing);
         let api: Api<EndpointSlice> = Api::namespaced(self.client.clone(), ns);
         for slice in &desired {

@@ -33,10 +33,7 @@ use std::{
 };
 
 use futures::StreamExt;
-use k8s_openapi::api::{
-    core::v1::{ConfigMap, Endpoints, Service},
-    discovery::v1::EndpointSlice,
-};
+use k8s_openapi::api::core::v1::{ConfigMap, Endpoints, Service};
 use kube::{
     Client, ResourceExt,
     runtime::{
@@ -50,10 +47,11 @@ use tokio_util::sync::CancellationToken;
 use crate::projection::objects::*;
 use crate::{
     Result,
+    cache::Slice,
     metrics::Metrics,
     names::{ADOPT_ANNOTATION, MANAGED_BY, MANAGED_BY_LABEL, SERVICE_LABEL, SERVICE_NAME_LABEL},
     projection::{self, Backend, MAX_CONFIG_BYTES},
-    registry::Registry,
+    registry::{Entry, Registry},
 };
 
 /// A service: (namespace, name). The empty key means "every service".
@@ -115,7 +113,7 @@ pub fn trigger() -> (Trigger, Keys) {
 #[derive(Clone)]
 pub struct Caches {
     pub services: Store<Service>,
-    pub slices: ByService<EndpointSlice>,
+    pub slices: ByService<Slice>,
     pub config_maps: Store<ConfigMap>,
     /// Roster's Endpoints objects; `None` when they are not asked for (and not written).
     pub endpoints: Option<Store<Endpoints>>,
@@ -348,7 +346,7 @@ impl Projector {
     pub async fn project(&self, key: &ServiceKey) -> Result<()> {
         let (ns, service) = key;
         let instances = self.registry.members(key);
-        let members: Vec<Backend> = instances.iter().map(|e| e.backend().clone()).collect();
+        let members: Vec<Backend> = instances.iter().filter_map(Entry::backend).collect();
         tracing::trace!(%ns, %service, members = members.len(), ready = members.iter().filter(|m| m.conditions().ready).count(), "projecting");
 
         let stored_service = self

@@ -27,7 +27,7 @@ impl Projector {
     ) -> Result<()> {
         let conditions = match (problem, entry.projected()) {
             (None, None) => return Ok(()),
-            (Some((reason, message)), Some((r, m))) if r == reason && m == message => {
+            (Some((reason, message)), Some((r, m))) if r == *reason && m == message => {
                 return Ok(());
             }
             (None, Some(_)) => json!([]),
@@ -36,7 +36,7 @@ impl Projector {
                 "status": "False",
                 "reason": reason,
                 "message": message,
-                "observedGeneration": entry.generation,
+                "observedGeneration": entry.generation(),
                 "lastTransitionTime": jiff::Timestamp::now().to_string(),
             }]),
         };

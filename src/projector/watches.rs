@@ -7,10 +7,7 @@ use std::sync::{
 };
 
 use futures::StreamExt;
-use k8s_openapi::api::{
-    core::v1::{ConfigMap, Endpoints, Service},
-    discovery::v1::EndpointSlice,
-};
+use k8s_openapi::api::core::v1::{ConfigMap, Endpoints, Service};
 use kube::{
     Api, Client, Resource, ResourceExt,
     runtime::{
@@ -23,7 +20,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::{Caches, Trigger, Written};
-use crate::cache::Grouping;
+use crate::cache::{Grouping, Slice};
 use crate::names::{
     ADOPT_ANNOTATION, MANAGED_BY, MANAGED_BY_LABEL, OVER_CAPACITY_ANNOTATION, SERVICE_LABEL,
     SERVICE_NAME_LABEL, SKIP_MIRROR_LABEL, SLICE_MANAGED_BY_LABEL,
@@ -48,13 +45,15 @@ pub fn watch_children(
         synced: synced.clone(),
         shutdown: shutdown.clone(),
     };
+    // Every Service is watched (any may be adopted): each is kept with only what the
+    // projector reads of it.
     let services = spawn_watch::<Service>(
         api(client, namespace),
         watch(watcher::Config::default()),
         |svc| Some(svc.name_any()),
-        |_| {},
+        crate::cache::slim_service,
     );
-    let slices = spawn_watch::<EndpointSlice>(
+    let slices = spawn_watch::<Slice>(
         api(client, namespace),
         watch(watcher::Config::default().labels(&format!("{SLICE_MANAGED_BY_LABEL}={MANAGED_BY}"))),
         |slice| slice.labels().get(SERVICE_NAME_LABEL).cloned(),
