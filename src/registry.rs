@@ -144,7 +144,13 @@ impl Index {
         si: &Instance,
         stored: Option<Arc<Instance>>,
     ) -> (Changed, Option<String>) {
-        let (Some(namespace), Some(name)) = (si.namespace(), si.metadata.name.clone()) else {
+        // What has no name or uid is not projected (`Backend::from_instance`), and leaves the
+        // index as it was.
+        let (Some(namespace), Some(name), true) = (
+            si.namespace(),
+            si.metadata.name.clone(),
+            si.metadata.uid.is_some(),
+        ) else {
             return (Changed::new(), None);
         };
         let service = si.spec.service.clone();
@@ -615,6 +621,11 @@ mod tests {
             Some("u1".into())
         );
         assert!(!index.holds("ns", "a", "u1") && index.holds("ns", "a", "u2"));
+        // An object without a uid is not projected and leaves the index as it was.
+        let mut no_uid = instance("a", "u3", "web", None);
+        no_uid.metadata.uid = None;
+        assert_eq!(index.apply(&no_uid, None), (vec![], None));
+        assert!(index.holds("ns", "a", "u2"));
     }
 
     #[test]
