@@ -17,11 +17,11 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// jemalloc's options, read before `main` (`_RJEM_MALLOC_CONF` in the environment adds to
 /// them): one arena instead of four per core (the controller's few threads share it, and its
-/// memory is not split four ways), freed pages handed back to the system after a second
-/// instead of ten, and a background thread that does so while the controller is idle.
+/// memory is not split four ways), and freed pages handed back to the system after a second
+/// instead of ten. No background thread: tikv-jemalloc-sys does not support one on musl, which
+/// the image is built for.
 #[unsafe(export_name = "_rjem_malloc_conf")]
-static MALLOC_CONF: &[u8; 70] =
-    b"narenas:1,background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0\0";
+static MALLOC_CONF: &[u8; 47] = b"narenas:1,dirty_decay_ms:1000,muzzy_decay_ms:0\0";
 
 /// Roster: a service registry for Kubernetes.
 #[derive(Parser)]
