@@ -117,8 +117,11 @@ pub struct ServiceInstanceSpec {
 
     /// An active check the controller runs against the instance, like a readiness probe: the
     /// instance is ready only while its heartbeat is fresh and the check passes.
+    // Boxed: most instances have none, and inline it took 192 of the spec's 360 bytes, 1.8 MB
+    // of the instance cache at 10 000 instances. (A comment, not documentation: the
+    // documentation is the CRD's description.)
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub health_check: Option<HealthCheck>,
+    pub health_check: Option<Box<HealthCheck>>,
 }
 
 /// An active health check: exactly one of `http`, `tcp` or `grpc`, with Kubernetes' probe

@@ -73,7 +73,7 @@ impl Prober {
                 target: Box::new(Target {
                     address: si.spec.address.clone(),
                     ports: si.spec.ports.clone(),
-                    check: check.clone(),
+                    check: (**check).clone(),
                 }),
             },
             _ => Command::Remove { uid },

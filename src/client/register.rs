@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     Error, Result,
-    api::{HealthCheck, InstancePort, ServiceInstance, ServiceInstanceSpec},
+    api::{InstancePort, ServiceInstance, ServiceInstanceSpec},
 };
 
 /// Field manager of the agent's server-side applies: the agent owns the spec it registers, the
@@ -131,7 +131,7 @@ impl Registrar {
                 delete_after_seconds: r.delete_after.map(secs),
                 lease_name: Some(r.name.clone()),
                 draining,
-                health_check: None::<HealthCheck>,
+                health_check: None,
             },
         );
         si.metadata.namespace = Some(r.namespace.clone());
