@@ -74,31 +74,32 @@ impl<'de> serde::Deserialize<'de> for Instance {
     }
 }
 
-/// The type-level half of `Resource` for a type that stands for a `ServiceInstance` (what the
-/// cache keeps, what the watch decodes): its kind, group, version and plural.
-macro_rules! service_instance_resource {
-    () => {
+/// The type-level half of `Resource` for a type that stands for another, namespaced resource
+/// (what the caches keep of a `ServiceInstance` or an EndpointSlice, what the watch decodes):
+/// its kind, group, version and plural.
+macro_rules! resource_of {
+    ($of:ty) => {
         type DynamicType = ();
         type Scope = k8s_openapi::NamespaceResourceScope;
 
         fn kind(dt: &()) -> std::borrow::Cow<'_, str> {
-            crate::api::ServiceInstance::kind(dt)
+            <$of as kube::Resource>::kind(dt)
         }
         fn group(dt: &()) -> std::borrow::Cow<'_, str> {
-            crate::api::ServiceInstance::group(dt)
+            <$of as kube::Resource>::group(dt)
         }
         fn version(dt: &()) -> std::borrow::Cow<'_, str> {
-            crate::api::ServiceInstance::version(dt)
+            <$of as kube::Resource>::version(dt)
         }
         fn plural(dt: &()) -> std::borrow::Cow<'_, str> {
-            crate::api::ServiceInstance::plural(dt)
+            <$of as kube::Resource>::plural(dt)
         }
     };
 }
-pub(crate) use service_instance_resource;
+pub(crate) use resource_of;
 
 impl Resource for Instance {
-    service_instance_resource!();
+    resource_of!(crate::api::ServiceInstance);
 
     fn meta(&self) -> &ObjectMeta {
         &self.metadata
@@ -138,21 +139,8 @@ impl<'de> serde::Deserialize<'de> for Slice {
 }
 
 impl Resource for Slice {
-    type DynamicType = ();
-    type Scope = k8s_openapi::NamespaceResourceScope;
+    resource_of!(EndpointSlice);
 
-    fn kind(dt: &()) -> std::borrow::Cow<'_, str> {
-        EndpointSlice::kind(dt)
-    }
-    fn group(dt: &()) -> std::borrow::Cow<'_, str> {
-        EndpointSlice::group(dt)
-    }
-    fn version(dt: &()) -> std::borrow::Cow<'_, str> {
-        EndpointSlice::version(dt)
-    }
-    fn plural(dt: &()) -> std::borrow::Cow<'_, str> {
-        EndpointSlice::plural(dt)
-    }
     fn meta(&self) -> &ObjectMeta {
         &self.metadata
     }

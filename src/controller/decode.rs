@@ -46,7 +46,7 @@ pub(super) enum Incoming {
 }
 
 impl Resource for Incoming {
-    crate::cache::service_instance_resource!();
+    crate::cache::resource_of!(crate::api::ServiceInstance);
 
     fn meta(&self) -> &ObjectMeta {
         match self {
